@@ -1,0 +1,361 @@
+"""DiffusionGemma's text stack in plain PyTorch (spec 3-5).
+
+One set of weights runs in two modes. `encode` is causal and writes the KV cache (prefill, and the commit of a
+finished canvas). `denoise` runs a canvas bidirectionally over cache + canvas, with self-conditioning, and never
+writes the cache. Module and parameter names equal the checkpoint keys under `model.decoder.`; the encoder's own
+`layer_scalar` buffers are held as `encoder_layer_scalar`.
+
+Numerics follow the reference op for op (spec 10, P3-P8): RMSNorm in fp32, RoPE tables cast to the activation dtype,
+fp32 router softmax, fp32 expert accumulation, bf16 LM-head output softcapped in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import LayerGeometry, ModelConfig
+from models.kv_cache import KVCache
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x * (mean(x^2) + eps)^-1/2 * weight in fp32, cast back (spec P4: plain weight, not 1 + w)."""
+    h = x.float()
+    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        h = h * weight.float()
+    return h.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def gelu_mlp(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
+    return down(F.gelu(gate(x), approximate="tanh") * up(x))
+
+
+class MLP(nn.Module):
+    """The always-on dense GELU MLP that runs beside the experts."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_mlp(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
+def inverse_frequencies(geometry: LayerGeometry) -> torch.Tensor:
+    """[d/2] fp32: theta^(-2i/d) for the rotating pairs, 0 for the rest (spec 1.3: 'proportional' uses the full d)."""
+    d = geometry.head_dim
+    num_rotating = int(geometry.rope_fraction * d // 2)
+    exponents = torch.arange(0, 2 * num_rotating, 2, dtype=torch.float) / d
+    rotating = 1.0 / (geometry.rope_theta**exponents)
+    return torch.cat([rotating, torch.zeros(d // 2 - num_rotating)])
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos, sin [B, S, 1, d] for positions [B, S]; angles in fp32, then cast to the activation dtype (spec 1.3)."""
+    angles = positions[..., None].float() * inv_freq.float()
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half: dimension j pairs with j + d/2. x is [B, S, heads, d]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Q/K/V norms, attention scale 1.0; full layers have no v_proj and take V from k_raw before k_norm (spec 3)."""
+
+    def __init__(self, config: ModelConfig, geometry: LayerGeometry) -> None:
+        super().__init__()
+        h, d, kv = config.hidden_size, geometry.head_dim, geometry.num_kv_heads
+        self.head_dim, self.num_kv_heads, self.eps = d, kv, config.rms_norm_eps
+        self.num_groups = config.num_attention_heads // kv
+        self.q_proj = nn.Linear(h, config.num_attention_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, kv * d, bias=False)
+        # Full layers have no v_proj in the checkpoint; V is k_raw (spec 2.3). Without this they would need one.
+        self.v_proj = nn.Linear(h, kv * d, bias=False) if geometry.is_sliding else None
+        self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, kv, S, d] of normed hidden states x [B, S, H]."""
+        k_raw = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # [B, S, kv, d]
+        v_raw = k_raw if self.v_proj is None else self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        v = rms_norm(v_raw, None, self.eps)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, S, H], already input-normed
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,  # [B, kv, n, d], including this pass's own keys
+        values: torch.Tensor,
+        mask: torch.Tensor | None,  # [B, 1, S, n] bool, True = attend; None = attend everywhere
+    ) -> torch.Tensor:
+        q = apply_rope(self.q_norm(self.q_proj(x).unflatten(-1, (-1, self.head_dim))), cos, sin).transpose(1, 2)
+        # Same SDPA call as the reference (spec 9.4): GQA inside SDPA only when unmasked and d <= 256.
+        use_sdpa_gqa = mask is None and self.head_dim <= 256
+        if self.num_groups > 1 and not use_sdpa_gqa:
+            keys = keys.repeat_interleave(self.num_groups, dim=1)
+            values = values.repeat_interleave(self.num_groups, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=use_sdpa_gqa and self.num_groups > 1
+        )  # [B, heads, S, d]
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class Router(nn.Module):
+    """Top-k routing on the un-normed residual (spec 3, step 8)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.eps, self.top_k = config.rms_norm_eps, config.top_k_experts
+        self.root_size = config.hidden_size**-0.5
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(config.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> fp32 weights [T, K] and expert ids [T, K]."""
+        r = rms_norm(x, None, self.eps) * self.scale * self.root_size  # bf16, in this order
+        probs = F.softmax(self.proj(r), dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, k=self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[experts], experts
+
+
+def _grouped_mm_ok(device: torch.device) -> bool:
+    # CPU runs grouped_mm as a per-expert loop; on CUDA the fast kernel needs sm90+ (spec 13), older GPUs loop here.
+    if device.type == "cpu":
+        return hasattr(F, "grouped_mm")
+    return device.type == "cuda" and hasattr(F, "grouped_mm") and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [T, in] sorted by expert, rows offsets[e-1]:offsets[e] use weight[e] [out, in]; returns x @ weight[e].T."""
+    if _grouped_mm_ok(x.device):
+        return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ weight[e].T
+        start = end
+    return out
+
+
+class Experts(nn.Module):
+    """Packed experts: gate_up_proj [E, 2I, H] (gate rows first, then up), down_proj [E, H, I] (spec 2.3)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        e, i, h = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights/experts [T, K] -> [T, H]: sum_k w_k * expert_k(x), summed in fp32 (grouped_mm)."""
+        num_tokens, top_k = experts.shape
+        flat_experts = experts.reshape(-1)
+        order = torch.argsort(flat_experts, stable=True)  # (token, k) pairs grouped by expert
+        counts = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0])
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        rows = x[order // top_k]  # [T*K, H]
+        gate, up = grouped_linear(rows, self.gate_up_proj, offsets).chunk(2, dim=-1)
+        y = grouped_linear(F.gelu(gate, approximate="tanh") * up, self.down_proj, offsets)  # [T*K, H]
+        y = y * weights.reshape(-1)[order, None]  # fp32 from here on
+        unsorted = torch.empty_like(y)
+        unsorted[order] = y
+        return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+
+
+class Layer(nn.Module):
+    """One transformer layer: attention, then the dense MLP and the experts in parallel (spec 3)."""
+
+    def __init__(self, config: ModelConfig, geometry: LayerGeometry) -> None:
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, geometry)
+        self.mlp = MLP(h, config.intermediate_size)
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+        # Buffers are not tied between the two modes: each has its own scalar (spec 2.2).
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, S, H]
+        normed: torch.Tensor,  # input_layernorm(x), which the caller needed for K/V already
+        rope: tuple[torch.Tensor, torch.Tensor],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        scalar: torch.Tensor,
+    ) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(normed, *rope, keys, values, mask))
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])
+        weights, experts = self.router(flat)
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).view_as(x)
+        x = x + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
+        return x * scalar  # scales the whole residual stream
+
+
+class SelfConditioning(nn.Module):
+    """Decoder-only MLP that mixes the previous step's soft embedding into the canvas embedding (spec 5.2)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.pre_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, embeds: torch.Tensor, soft_embeds: torch.Tensor) -> torch.Tensor:
+        sc = gelu_mlp(self.pre_norm(soft_embeds), self.gate_proj, self.up_proj, self.down_proj)
+        return rms_norm(embeds + sc, None, self.eps)  # post_norm has no weight
+
+
+def _key_mask(key_positions: torch.Tensor, query_positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal encoder mask [B, 1, S, n]: key valid, not after the query, and inside the window if sliding."""
+    k, q = key_positions[:, None, None, :], query_positions[:, None, :, None]
+    allowed = (k >= 0) & (k <= q)
+    return allowed & (q - k < window) if window is not None else allowed
+
+
+class DiffusionGemma(nn.Module):
+    """The shared text stack with its two passes; see the module docstring."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config, g) for g in config.layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+        self.register_buffer("embed_scale", torch.empty(()), persistent=False)
+        self.register_buffer("sliding_inv_freq", torch.empty(0), persistent=False)
+        self.register_buffer("full_inv_freq", torch.empty(0), persistent=False)
+        self.init_constants()
+
+    def init_constants(self) -> None:
+        """(Re)compute the non-persistent fp32 buffers, e.g. after the loader's to_empty()."""
+        device = self.embed_scale.device
+        # sqrt(H) in fp32, cast to the weight dtype where used: 53.0 in bf16 (spec P5).
+        self.embed_scale = torch.tensor(self.config.hidden_size**0.5, device=device)
+        inv_freqs = {g.is_sliding: inverse_frequencies(g).to(device) for g in self.config.layers}
+        self.sliding_inv_freq = inv_freqs.get(True, torch.zeros(0, device=device))
+        self.full_inv_freq = inv_freqs[False]
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids) * self.embed_scale.to(self.embed_tokens.weight.dtype)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+        """RoPE tables keyed by is_sliding, computed once per pass."""
+        return {
+            True: rope_tables(self.sliding_inv_freq, positions, dtype),
+            False: rope_tables(self.full_inv_freq, positions, dtype),
+        }
+
+    @torch.inference_mode()
+    def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, is_pad: torch.Tensor) -> None:
+        """Causal pass over new tokens [B, S] at positions [B, S]; appends their K/V to kv. Padding keys are masked.
+
+        The hidden states are discarded in generation, so the final norm and everything in the last layer but its
+        K/V projection are skipped (spec 4.1).
+        """
+        x = self._embed(input_ids)
+        rope = self._rope(positions, x.dtype)
+        key_positions = positions.masked_fill(is_pad, -1)
+        masks = {
+            False: _key_mask(torch.cat([kv.held_positions(False), key_positions], 1), positions, None),
+            True: _key_mask(
+                torch.cat([kv.held_positions(True), key_positions], 1), positions, self.config.sliding_window
+            ),
+        }
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            sliding = self.config.layers[i].is_sliding
+            normed = layer.input_layernorm(x)
+            keys, values = kv.append(i, *layer.self_attn.project_kv(normed, *rope[sliding]))
+            if i < last:
+                x = layer(x, normed, rope[sliding], keys, values, masks[sliding], layer.encoder_layer_scalar)
+        kv.commit_positions(key_positions)
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        canvas: torch.Tensor,  # [B, C] token ids
+        positions: torch.Tensor,  # [B, C]
+        kv: KVCache,
+        soft_embeds: torch.Tensor | None,  # [B, C, H] from sc_embedding(), None on a canvas' first step
+    ) -> torch.Tensor:
+        """Bidirectional pass of a canvas over cache + canvas; returns final-normed hidden states [B, C, H].
+
+        Reads the cache and never writes it. Sliding layers see only the W-1 held slots plus the canvas, with no
+        per-query window (spec 5, step 3). Padding slots of the cache are masked like generate() does (spec 5.2).
+        """
+        e = self._embed(canvas)
+        # A zero soft embedding gives an exactly zero SC signal, so the first step skips the SC MLP.
+        x = rms_norm(e, None, self.config.rms_norm_eps) if soft_embeds is None else self.self_conditioning(e, soft_embeds)
+        rope = self._rope(positions, x.dtype)
+        b, c = canvas.shape
+        masks = {}
+        for sliding in (False, True):
+            valid = kv.held_positions(sliding) >= 0  # [B, n]
+            # No mask when nothing is padded: the reference then calls SDPA unmasked (and bit-parity needs that).
+            masks[sliding] = (
+                None
+                if bool(valid.all())
+                else torch.cat([valid, valid.new_ones(b, c)], 1)[:, None, None, :].expand(b, 1, c, -1)
+            )
+        for i, layer in enumerate(self.layers):
+            sliding = self.config.layers[i].is_sliding
+            normed = layer.input_layernorm(x)
+            keys, values = layer.self_attn.project_kv(normed, *rope[sliding])
+            held_k, held_v = kv.read(i)
+            if held_k is not None:
+                keys, values = torch.cat([held_k, keys], dim=2), torch.cat([held_v, values], dim=2)
+            x = layer(x, normed, rope[sliding], keys, values, masks[sliding], layer.layer_scalar)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 softcapped logits [..., V] of final-normed hidden rows; bf16 rounding happens before the cap (P6)."""
+        cap = self.config.final_logit_softcapping
+        z = F.linear(hidden, self.embed_tokens.weight).float()
+        return torch.tanh(z / cap) * cap
+
+    @torch.inference_mode()
+    def sc_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
+        """Soft embedding softmax_fp32(z) -> model dtype -> @ E -> * embed scale, for logits [..., V] (spec P3)."""
+        weight = self.embed_tokens.weight
+        probs = F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(weight.dtype)
+        return torch.matmul(probs, weight) * self.embed_scale.to(weight.dtype)
