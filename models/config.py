@@ -183,16 +183,17 @@ def model_config_from_dict(cfg: dict[str, Any]) -> ModelConfig:
 
 
 def generation_defaults_from_dict(cfg: dict[str, Any]) -> GenerationDefaults:
-    """Parse generation_config.json; absent keys take the released checkpoint's values."""
-    sampler = cfg.get("sampler_config") or {}
+    """Parse generation_config.json; absent or null keys take the released checkpoint's values."""
+    cfg = {key: value for key, value in cfg.items() if value is not None}
+    default = GenerationDefaults()
     return GenerationDefaults(
-        max_new_tokens=int(cfg.get("max_new_tokens", 256)),
-        max_denoising_steps=int(cfg.get("max_denoising_steps", 48)),
-        entropy_bound=float(sampler.get("entropy_bound", 0.1)),
-        t_min=float(cfg.get("t_min", 0.4)),
-        t_max=float(cfg.get("t_max", 0.8)),
-        stability_threshold=int(cfg.get("stability_threshold", 1)),
-        confidence_threshold=float(cfg.get("confidence_threshold", 0.005)),
+        max_new_tokens=int(cfg.get("max_new_tokens", default.max_new_tokens)),
+        max_denoising_steps=int(cfg.get("max_denoising_steps", default.max_denoising_steps)),
+        entropy_bound=float((cfg.get("sampler_config") or {}).get("entropy_bound", default.entropy_bound)),
+        t_min=float(cfg.get("t_min", default.t_min)),
+        t_max=float(cfg.get("t_max", default.t_max)),
+        stability_threshold=int(cfg.get("stability_threshold", default.stability_threshold)),
+        confidence_threshold=float(cfg.get("confidence_threshold", default.confidence_threshold)),
         eos_token_ids=_ids(cfg.get("eos_token_id")),
         pad_token_id=cfg.get("pad_token_id"),
     )

@@ -324,7 +324,11 @@ class DiffusionGemma(nn.Module):
         """
         e = self._embed(canvas)
         # A zero soft embedding gives an exactly zero SC signal, so the first step skips the SC MLP.
-        x = rms_norm(e, None, self.config.rms_norm_eps) if soft_embeds is None else self.self_conditioning(e, soft_embeds)
+        x = (
+            rms_norm(e, None, self.config.rms_norm_eps)
+            if soft_embeds is None
+            else self.self_conditioning(e, soft_embeds)
+        )
         rope = self._rope(positions, x.dtype)
         b, c = canvas.shape
         masks = {}

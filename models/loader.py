@@ -93,7 +93,9 @@ def load_model(
                     targets[name].copy_(tensor)
                     loaded.add(name)
     if missing := sorted(set(targets) - loaded):
-        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {param_to_checkpoint_key(missing[0])!r}")
+        raise CheckpointError(
+            f"checkpoint is missing {len(missing)} tensor(s), e.g. {param_to_checkpoint_key(missing[0])!r}"
+        )
     model.eval()
     logger.info("loaded %s: %d tensors from %d file(s), %s on %s", directory, len(loaded), len(files), dtype, device)
     return model, config, generation

@@ -1,0 +1,207 @@
+"""Write a randomly initialised DiffusionGemma checkpoint in the real on-disk format (spec 2.3, 9).
+
+config.json with `per_layer_config`, generation_config.json, safetensors under the real key names (optionally
+sharded with an index), and offline tokenizer files. Deterministic from a seed. The names below are the sizes the
+project uses: `tiny` for parity tests, `demo` for `dgserve serve` without weights, `bench` for benchmarks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from models.config import model_config_from_dict
+from models.diffusion_gemma import DiffusionGemma
+from models.loader import param_to_checkpoint_key
+from models.tokenizer_files import write_tokenizer
+
+S, F = "sliding_attention", "full_attention"
+
+# HF text_config fields per size; everything else takes the real model's values.
+SIZES: dict[str, dict[str, Any]] = {
+    # spec 9.1: every path (sliding/full, K=V, proportional RoPE, MoE, window crossing) in a 0.5 M-param model
+    "tiny": dict(
+        vocab_size=2048, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+        top_k_experts=2, num_hidden_layers=4, layer_types=[S, F, S, F], num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, global_head_dim=32, num_global_key_value_heads=1, sliding_window=16,
+        max_position_embeddings=4096, canvas_length=32, max_denoising_steps=8, max_new_tokens=64,
+    ),
+    # a 256-token canvas in well under a second per few steps on 2 CPU cores
+    "demo": dict(
+        vocab_size=8192, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=8,
+        top_k_experts=2, num_hidden_layers=6, layer_types=[S, S, S, S, S, F], num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1, sliding_window=1024,
+        max_position_embeddings=32768, canvas_length=256, max_denoising_steps=48, max_new_tokens=256,
+    ),
+    # spec 12: the real vocabulary and small everything else, for sampler and engine benchmarks
+    "bench": dict(
+        vocab_size=262144, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=16,
+        top_k_experts=4, num_hidden_layers=6, layer_types=[S, S, S, S, S, F], num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1, sliding_window=1024,
+        max_position_embeddings=32768, canvas_length=256, max_denoising_steps=48, max_new_tokens=256,
+    ),
+}  # fmt: skip
+
+# A minimal Gemma 4 vision tower: text-only serving skips it, but the real format carries one.
+VISION_CONFIG: dict[str, Any] = {
+    "attention_bias": False, "attention_dropout": 0.0, "head_dim": 8, "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 16, "initializer_range": 0.02, "intermediate_size": 32, "max_position_embeddings": 131072,
+    "model_type": "gemma4_vision", "num_attention_heads": 2, "num_hidden_layers": 1, "num_key_value_heads": 2,
+    "patch_size": 4, "pooling_kernel_size": 1, "position_embedding_size": 64, "rms_norm_eps": 1e-06,
+    "rope_parameters": {"rope_theta": 100.0, "rope_type": "axial"}, "standardize": False,
+    "use_clipped_linears": False,
+}  # fmt: skip
+
+
+def _vision_shapes(text_hidden: int) -> dict[str, tuple[int, ...]]:
+    v, mlp, head = VISION_CONFIG["hidden_size"], VISION_CONFIG["intermediate_size"], VISION_CONFIG["head_dim"]
+    patch = VISION_CONFIG["patch_size"]
+    tower = "model.encoder.vision_tower."
+    shapes = {
+        tower + "patch_embedder.input_proj.weight": (v, 3 * patch * patch),
+        tower + "patch_embedder.position_embedding_table": (2, VISION_CONFIG["position_embedding_size"], v),
+        "model.encoder.embed_vision.embedding_projection.weight": (text_hidden, v),
+    }
+    for i in range(VISION_CONFIG["num_hidden_layers"]):
+        layer = f"{tower}encoder.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):  # fmt: skip
+            shapes[f"{layer}{norm}.weight"] = (v,)
+        for proj in "qkvo":
+            shapes[f"{layer}self_attn.{proj}_proj.linear.weight"] = (v, v)
+        shapes[f"{layer}self_attn.q_norm.weight"] = shapes[f"{layer}self_attn.k_norm.weight"] = (head,)
+        shapes[f"{layer}mlp.gate_proj.linear.weight"] = shapes[f"{layer}mlp.up_proj.linear.weight"] = (mlp, v)
+        shapes[f"{layer}mlp.down_proj.linear.weight"] = (v, mlp)
+    return shapes
+
+
+def config_json(size: str) -> dict[str, Any]:
+    """The config.json that save_pretrained writes for this size (per_layer_config form)."""
+    text = copy.deepcopy(SIZES[size])
+    vocab = text["vocab_size"]
+    canvas_length = text.pop("canvas_length")
+    for key in ("max_denoising_steps", "max_new_tokens"):
+        text.pop(key)
+    head_dim, kv_heads = text.pop("global_head_dim"), text.pop("num_global_key_value_heads")
+    text["per_layer_config"] = {
+        str(i): {"head_dim": head_dim, "num_key_value_heads": kv_heads}
+        for i, layer_type in enumerate(text["layer_types"])
+        if layer_type == F
+    }
+    text.update(
+        attention_bias=False, attention_dropout=0.0, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh", initializer_range=0.02,
+        model_type="diffusion_gemma_text", rms_norm_eps=1e-06, tie_word_embeddings=True,
+        use_bidirectional_attention="vision",
+        rope_parameters={
+            F: {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+            S: {"rope_theta": 10000.0, "rope_type": "default"},
+        },
+    )  # fmt: skip
+    big = vocab > 258882  # the real image token ids fit only in the real vocabulary
+    return {
+        "architectures": ["DiffusionGemmaForBlockDiffusion"],
+        "boi_token_id": 255999 if big else vocab - 3,
+        "eoi_token_id": 258882 if big else vocab - 2,
+        "image_token_id": 258880 if big else vocab - 1,
+        "canvas_length": canvas_length,
+        "dtype": "bfloat16",
+        "eos_token_id": [1, 106, 50],
+        "initializer_range": 0.02,
+        "model_type": "diffusion_gemma",
+        "text_config": dict(sorted(text.items())),
+        "tie_word_embeddings": True,
+        "transformers_version": "5.23.0",
+        "vision_config": VISION_CONFIG,
+    }
+
+
+def generation_config_json(size: str) -> dict[str, Any]:
+    return {
+        "bos_token_id": 2,
+        "confidence_threshold": 0.005,
+        "eos_token_id": [1, 106, 50],
+        "max_denoising_steps": SIZES[size]["max_denoising_steps"],
+        "max_new_tokens": SIZES[size]["max_new_tokens"],
+        "pad_token_id": 0,
+        "return_dict_in_generate": True,
+        "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+        "stability_threshold": 1,
+        "t_max": 0.8,
+        "t_min": 0.4,
+        "transformers_version": "5.23.0",
+    }
+
+
+def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """N(0, 0.02) weights; scales that initialise to one get 1 + 0.1 N(0, 1), so a wrong norm is caught (spec 9.2)."""
+    noise = torch.randn(shape, generator=gen)
+    if name.endswith(("norm.weight", "router.scale", "router.per_expert_scale")):
+        return 1.0 + 0.1 * noise
+    return 0.02 * noise
+
+
+def _layer_scalar(key: str) -> torch.Tensor:
+    """Distinct decoder and encoder scalars per layer, so sharing the wrong buffer is caught (spec 9.2)."""
+    i = int(key.split(".layers.")[1].split(".")[0])
+    value = 0.8 - 0.05 * i if key.startswith("model.encoder.") else 1.1 + 0.05 * i
+    return torch.tensor([value])
+
+
+def random_tensors(size: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """All checkpoint tensors of a size, fp32, keyed by their real names."""
+    cfg = config_json(size)
+    with torch.device("meta"):
+        shapes = {param_to_checkpoint_key(n): tuple(t.shape) for n, t in DiffusionGemma(model_config_from_dict(cfg))
+                  .state_dict().items()}  # fmt: skip
+    shapes.update(_vision_shapes(cfg["text_config"]["hidden_size"]))
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        key: _layer_scalar(key) if key.endswith("layer_scalar") else _init_tensor(key, shape, gen)
+        for key, shape in sorted(shapes.items())
+    }
+
+
+def write_random_checkpoint(
+    directory: str | os.PathLike,
+    size: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    num_shards: int = 1,
+) -> Path:
+    """Write a full checkpoint directory (weights, configs, tokenizer) and return its path."""
+    if size not in SIZES:
+        raise ValueError(f"unknown checkpoint size {size!r}; choose from {sorted(SIZES)}")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config_json(size)
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation_config_json(size), indent=2) + "\n")
+    tensors = {key: t.to(dtype).contiguous() for key, t in random_tensors(size, seed).items()}
+    _save_shards(tensors, out, num_shards)
+    write_tokenizer(out, cfg["text_config"]["vocab_size"])
+    return out
+
+
+def _save_shards(tensors: dict[str, torch.Tensor], out: Path, num_shards: int) -> None:
+    metadata = {"format": "pt"}
+    if num_shards == 1:
+        save_file(tensors, out / "model.safetensors", metadata=metadata)
+        return
+    keys = list(tensors)
+    weight_map = {}
+    for shard in range(num_shards):
+        name = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[shard::num_shards]}
+        save_file(part, out / name, metadata=metadata)
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,42 @@
+"""Session fixtures: tiny checkpoints in the real on-disk format, written once per test run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Our writer's tiny checkpoint (fp32 on disk so that both dtypes load from the same bits)."""
+    from models.random_checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", seed=0, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """The tiny config built and saved by transformers itself, perturbed as spec 9.2 says."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    config = DiffusionGemmaConfig.from_pretrained(tiny_checkpoint)
+    torch.manual_seed(0)
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm.weight", "router.scale", "router.per_expert_scale")):
+                param.add_(0.1 * torch.randn_like(param))
+        for i, layer in enumerate(model.model.decoder.layers):
+            layer.layer_scalar.fill_(1.1 + 0.05 * i)
+        for i, layer in enumerate(model.model.encoder.language_model.layers):
+            layer.layer_scalar.fill_(0.8 - 0.05 * i)
+    out = tmp_path_factory.mktemp("reference")
+    model.save_pretrained(out)
+    return out
