@@ -11,12 +11,15 @@ fp32 router softmax, fp32 expert accumulation, bf16 LM-head output softcapped in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.config import LayerGeometry, ModelConfig
-from models.kv_cache import KVCache
+from models.kv_cache import Attend
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -102,23 +105,11 @@ class Attention(nn.Module):
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(
-        self,
-        x: torch.Tensor,  # [B, S, H], already input-normed
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        keys: torch.Tensor,  # [B, kv, n, d], including this pass's own keys
-        values: torch.Tensor,
-        mask: torch.Tensor | None,  # [B, 1, S, n] bool, True = attend; None = attend everywhere
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Callable[..., torch.Tensor]
     ) -> torch.Tensor:
+        """x [B, S, H], already input-normed; attend(q, k, v) runs attention over the cache and these slots."""
         q = apply_rope(self.q_norm(self.q_proj(x).unflatten(-1, (-1, self.head_dim))), cos, sin).transpose(1, 2)
-        # Same SDPA call as the reference (spec 9.4): GQA inside SDPA only when unmasked and d <= 256.
-        use_sdpa_gqa = mask is None and self.head_dim <= 256
-        if self.num_groups > 1 and not use_sdpa_gqa:
-            keys = keys.repeat_interleave(self.num_groups, dim=1)
-            values = values.repeat_interleave(self.num_groups, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=use_sdpa_gqa and self.num_groups > 1
-        )  # [B, heads, S, d]
+        out = attend(q, *self.project_kv(x, cos, sin))  # [B, heads, S, d]
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -209,16 +200,10 @@ class Layer(nn.Module):
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
 
     def forward(
-        self,
-        x: torch.Tensor,  # [B, S, H]
-        normed: torch.Tensor,  # input_layernorm(x), which the caller needed for K/V already
-        rope: tuple[torch.Tensor, torch.Tensor],
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        mask: torch.Tensor | None,
-        scalar: torch.Tensor,
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attend: Callable, scalar: torch.Tensor
     ) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(normed, *rope, keys, values, mask))
+        """x [B, S, H] -> [B, S, H]; `scalar` is the encoder's or the decoder's layer_scalar."""
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), *rope, attend))
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])
         weights, experts = self.router(flat)
@@ -241,13 +226,6 @@ class SelfConditioning(nn.Module):
     def forward(self, embeds: torch.Tensor, soft_embeds: torch.Tensor) -> torch.Tensor:
         sc = gelu_mlp(self.pre_norm(soft_embeds), self.gate_proj, self.up_proj, self.down_proj)
         return rms_norm(embeds + sc, None, self.eps)  # post_norm has no weight
-
-
-def _key_mask(key_positions: torch.Tensor, query_positions: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Causal encoder mask [B, 1, S, n]: key valid, not after the query, and inside the window if sliding."""
-    k, q = key_positions[:, None, None, :], query_positions[:, None, :, None]
-    allowed = (k >= 0) & (k <= q)
-    return allowed & (q - k < window) if window is not None else allowed
 
 
 class DiffusionGemma(nn.Module):
@@ -285,42 +263,31 @@ class DiffusionGemma(nn.Module):
         }
 
     @torch.inference_mode()
-    def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, is_pad: torch.Tensor) -> None:
-        """Causal pass over new tokens [B, S] at positions [B, S]; appends their K/V to kv. Padding keys are masked.
+    def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> None:
+        """Causal pass over new tokens [B, S] at positions [B, S]; `attend` stores their K/V in the cache.
 
         The hidden states are discarded in generation, so the final norm and everything in the last layer but its
         K/V projection are skipped (spec 4.1).
         """
         x = self._embed(input_ids)
         rope = self._rope(positions, x.dtype)
-        key_positions = positions.masked_fill(is_pad, -1)
-        masks = {
-            False: _key_mask(torch.cat([kv.held_positions(False), key_positions], 1), positions, None),
-            True: _key_mask(
-                torch.cat([kv.held_positions(True), key_positions], 1), positions, self.config.sliding_window
-            ),
-        }
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            sliding = self.config.layers[i].is_sliding
-            normed = layer.input_layernorm(x)
-            keys, values = kv.append(i, *layer.self_attn.project_kv(normed, *rope[sliding]))
-            if i < last:
-                x = layer(x, normed, rope[sliding], keys, values, masks[sliding], layer.encoder_layer_scalar)
-        kv.commit_positions(key_positions)
+        *layers, last = self.layers
+        for i, layer in enumerate(layers):
+            x = layer(x, rope[self.config.layers[i].is_sliding], partial(attend, i), layer.encoder_layer_scalar)
+        cos, sin = rope[self.config.layers[-1].is_sliding]
+        attend(len(layers), None, *last.self_attn.project_kv(last.input_layernorm(x), cos, sin))
 
     @torch.inference_mode()
     def denoise(
         self,
         canvas: torch.Tensor,  # [B, C] token ids
         positions: torch.Tensor,  # [B, C]
-        kv: KVCache,
+        attend: Attend,
         soft_embeds: torch.Tensor | None,  # [B, C, H] from sc_embedding(), None on a canvas' first step
     ) -> torch.Tensor:
         """Bidirectional pass of a canvas over cache + canvas; returns final-normed hidden states [B, C, H].
 
-        Reads the cache and never writes it. Sliding layers see only the W-1 held slots plus the canvas, with no
-        per-query window (spec 5, step 3). Padding slots of the cache are masked like generate() does (spec 5.2).
+        `attend` reads the cache and never writes it: the canvas is not part of the prefix until committed by encode.
         """
         e = self._embed(canvas)
         # A zero soft embedding gives an exactly zero SC signal, so the first step skips the SC MLP.
@@ -330,24 +297,8 @@ class DiffusionGemma(nn.Module):
             else self.self_conditioning(e, soft_embeds)
         )
         rope = self._rope(positions, x.dtype)
-        b, c = canvas.shape
-        masks = {}
-        for sliding in (False, True):
-            valid = kv.held_positions(sliding) >= 0  # [B, n]
-            # No mask when nothing is padded: the reference then calls SDPA unmasked (and bit-parity needs that).
-            masks[sliding] = (
-                None
-                if bool(valid.all())
-                else torch.cat([valid, valid.new_ones(b, c)], 1)[:, None, None, :].expand(b, 1, c, -1)
-            )
         for i, layer in enumerate(self.layers):
-            sliding = self.config.layers[i].is_sliding
-            normed = layer.input_layernorm(x)
-            keys, values = layer.self_attn.project_kv(normed, *rope[sliding])
-            held_k, held_v = kv.read(i)
-            if held_k is not None:
-                keys, values = torch.cat([held_k, keys], dim=2), torch.cat([held_v, values], dim=2)
-            x = layer(x, normed, rope[sliding], keys, values, masks[sliding], layer.layer_scalar)
+            x = layer(x, rope[self.config.layers[i].is_sliding], partial(attend, i), layer.layer_scalar)
         return self.norm(x)
 
     @torch.inference_mode()
