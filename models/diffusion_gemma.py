@@ -156,11 +156,15 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
 class Experts(nn.Module):
     """Packed experts: gate_up_proj [E, 2I, H] (gate rows first, then up), down_proj [E, H, I] (spec 2.3)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, row_alignment: int = 1) -> None:
         super().__init__()
         e, i, h = config.num_experts, config.moe_intermediate_size, config.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        # CPU GEMMs round a row differently when a group has few rows (fewer than 12, not a multiple of 4), so a
+        # token's output would depend on what else is routed to its expert. Padding every group to a multiple of 4
+        # rows makes each token's result independent of the batch. 1 = no padding, as the reference runs.
+        self.row_alignment = row_alignment
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/experts [T, K] -> [T, H]: sum_k w_k * expert_k(x), summed in fp32 (grouped_mm)."""
@@ -168,10 +172,15 @@ class Experts(nn.Module):
         flat_experts = experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)  # (token, k) pairs grouped by expert
         counts = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0])
-        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        rows = x[order // top_k]  # [T*K, H]
+        # Each pair's row in the (possibly padded) grouped layout.
+        padded = (counts + self.row_alignment - 1) // self.row_alignment * self.row_alignment
+        group_start = torch.cumsum(padded, 0) - padded - (torch.cumsum(counts, 0) - counts)
+        slot = torch.arange(order.numel(), device=x.device) + group_start[flat_experts[order]]
+        offsets = torch.cumsum(padded, dim=0, dtype=torch.int32)
+        rows = x.new_zeros(int(padded.sum()), x.shape[-1])
+        rows[slot] = x[order // top_k]
         gate, up = grouped_linear(rows, self.gate_up_proj, offsets).chunk(2, dim=-1)
-        y = grouped_linear(F.gelu(gate, approximate="tanh") * up, self.down_proj, offsets)  # [T*K, H]
+        y = grouped_linear(F.gelu(gate, approximate="tanh") * up, self.down_proj, offsets)[slot]  # [T*K, H]
         y = y * weights.reshape(-1)[order, None]  # fp32 from here on
         unsorted = torch.empty_like(y)
         unsorted[order] = y
@@ -181,13 +190,13 @@ class Experts(nn.Module):
 class Layer(nn.Module):
     """One transformer layer: attention, then the dense MLP and the experts in parallel (spec 3)."""
 
-    def __init__(self, config: ModelConfig, geometry: LayerGeometry) -> None:
+    def __init__(self, config: ModelConfig, geometry: LayerGeometry, expert_row_alignment: int = 1) -> None:
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = Attention(config, geometry)
         self.mlp = MLP(h, config.intermediate_size)
         self.router = Router(config)
-        self.experts = Experts(config)
+        self.experts = Experts(config, expert_row_alignment)
         self.input_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.pre_feedforward_layernorm = RMSNorm(h, eps)
@@ -231,11 +240,12 @@ class SelfConditioning(nn.Module):
 class DiffusionGemma(nn.Module):
     """The shared text stack with its two passes; see the module docstring."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, expert_row_alignment: int = 1) -> None:
+        """expert_row_alignment 4 makes every token's result independent of the batch on CPU (see Experts)."""
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Layer(config, g) for g in config.layers)
+        self.layers = nn.ModuleList(Layer(config, g, expert_row_alignment) for g in config.layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config)
         self.register_buffer("embed_scale", torch.empty(()), persistent=False)
@@ -302,10 +312,13 @@ class DiffusionGemma(nn.Module):
         return self.norm(x)
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 softcapped logits [..., V] of final-normed hidden rows; bf16 rounding happens before the cap (P6)."""
+    def logits(self, hidden: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """fp32 softcapped logits [..., end - start] of vocabulary ids [start, end) for final-normed hidden rows.
+
+        The LM head is the tied embedding; bf16 rounding happens before the fp32 softcap (spec P6).
+        """
         cap = self.config.final_logit_softcapping
-        z = F.linear(hidden, self.embed_tokens.weight).float()
+        z = F.linear(hidden, self.embed_tokens.weight[start:end]).float()
         return torch.tanh(z / cap) * cap
 
     @torch.inference_mode()

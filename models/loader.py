@@ -60,12 +60,13 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    expert_row_alignment: int = 1,
 ) -> tuple[DiffusionGemma, ModelConfig, GenerationDefaults]:
     """Read config, build the model without initialising it, and fill every parameter from memory-mapped files."""
     directory = Path(checkpoint_dir)
     config, generation = load_config(directory)
     with torch.device("meta"):
-        model = DiffusionGemma(config).to(dtype)
+        model = DiffusionGemma(config, expert_row_alignment).to(dtype)
     model.to_empty(device=device)
     model.init_constants()  # non-persistent fp32 buffers, not in the checkpoint
     targets = model.state_dict()  # tied tensors appear once: there is one embedding and one text stack

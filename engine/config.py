@@ -1,0 +1,45 @@
+"""Engine settings, fixed at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How the engine runs a checkpoint; validated once at construction."""
+
+    checkpoint: str
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str | None = None  # "bfloat16" | "float32"; None: bf16 on CUDA, fp32 on CPU (bf16 matmuls crawl on CPU)
+    max_num_seqs: int = 8  # sequences denoising at once
+    max_model_len: int | None = None  # prompt + max_tokens limit; None: the checkpoint's max_position_embeddings
+    kv_budget_bytes: int | None = None  # KV memory for all sequences; None: kv_budget_fraction of free memory
+    kv_budget_fraction: float = 0.5
+    max_waiting: int = 256  # queued requests beyond this are refused (the server's 429/503)
+    vocab_chunk: int = 8192  # sampler workspace: one row's [canvas, vocab_chunk] fp32 logits at a time
+    reference_mode: bool = False  # reproduce transformers' generate() draw for draw: one sequence, global RNG
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.reference_mode and self.max_num_seqs != 1:
+            raise ValueError("reference_mode runs one sequence at a time: set max_num_seqs=1")
+        if not 0 < self.kv_budget_fraction <= 1:
+            raise ValueError(f"kv_budget_fraction must be in (0, 1], got {self.kv_budget_fraction}")
+        if self.vocab_chunk < 1 or self.max_waiting < 0:
+            raise ValueError("vocab_chunk must be >= 1 and max_waiting >= 0")
+        if self.dtype not in (None, "bfloat16", "float32"):
+            raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return getattr(torch, self.dtype)
+        return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32

@@ -1,0 +1,104 @@
+"""The synchronous engine: requests in, one iteration per `step()`, events out."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache import KVBudget
+from engine.model_runner import ModelRunner
+from engine.request import EngineEvent, Finished, FinishReason, SamplingParams, StepStats, Usage
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from models.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory available for the KV cache now: free device memory on CUDA, MemAvailable on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+class Engine:
+    """Continuous batching at denoising-step granularity: requests join and leave between iterations."""
+
+    def __init__(self, config: EngineConfig, progress: bool = False) -> None:
+        self.config = config
+        device, dtype = config.torch_device, config.torch_dtype
+        # Reference mode runs the reference's exact GEMM shapes; otherwise expert groups are padded so that
+        # a sequence's numbers do not depend on its batch (see models.diffusion_gemma.Experts).
+        self.model, self.model_config, self.generation_defaults = load_model(
+            config.checkpoint, dtype, device, progress, expert_row_alignment=1 if config.reference_mode else 4
+        )
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        budget = config.kv_budget_bytes or int(free_memory_bytes(device) * config.kv_budget_fraction)
+        self.runner = ModelRunner(self.model, self.model_config, config)
+        self.scheduler = Scheduler(KVBudget(budget), config.max_num_seqs, config.max_waiting, self.runner.kv_bytes)
+        self._pending: list[EngineEvent] = []  # produced between steps (aborts)
+        logger.info(
+            "engine ready: %s on %s, KV budget %.1f MiB, up to %d sequences, max_model_len %d",
+            dtype, device, budget / 2**20, config.max_num_seqs, self.max_model_len,
+        )  # fmt: skip
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request. Raises ValueError for invalid input, QueueFullError when the waiting queue is full."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if bad := [t for t in prompt_ids if not 0 <= t < vocab]:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        resolved = params.resolve(self.generation_defaults, self.max_model_len, len(prompt_ids))
+        self.scheduler.add(Sequence(request_id, list(prompt_ids), resolved, self.model_config.canvas_length))
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; it leaves the batch before the next iteration and its memory is reused."""
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            usage = Usage(len(seq.prompt_ids), seq.num_output_tokens, seq.num_canvases, seq.num_denoise_steps)
+            self._pending.append(Finished(request_id, FinishReason.ABORT, usage))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def step(self) -> tuple[list[EngineEvent], StepStats]:
+        """Admit, encode prompts and finished canvases, run one denoising step for every running sequence."""
+        events, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        for seq in batch.admitted:
+            self.runner.allocate(seq)
+        t0 = time.perf_counter()
+        num_encoded = self.runner.encode(batch.encode) if batch.encode else 0
+        encode_s = time.perf_counter() - t0
+        forward_s = sampler_s = 0.0
+        if batch.denoise:
+            argmax, stopped, forward_s, sampler_s = self.runner.denoise(batch.denoise)
+            events.extend(self.scheduler.after_step(batch.denoise, argmax, stopped))
+        stats = StepStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_encode_tokens=num_encoded,
+            num_denoise_rows=len(batch.denoise),
+            encode_s=encode_s,
+            forward_s=forward_s,
+            sampler_s=sampler_s,
+            kv_bytes_used=self.scheduler.budget.used_bytes,
+        )
+        return events, stats
+
+    def generate(self, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[EngineEvent]]:
+        """Run requests to completion offline; returns each request's events in order."""
+        for request_id, (prompt_ids, params) in requests.items():
+            self.add_request(request_id, prompt_ids, params)
+        out: dict[str, list[EngineEvent]] = {request_id: [] for request_id in requests}
+        while self.has_unfinished():
+            for event in self.step()[0]:
+                out[event.request_id].append(event)
+        return out

@@ -1,0 +1,134 @@
+"""Requests, their per-request sampling parameters, and the events the engine emits. No torch here."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field, replace
+
+from models.config import GenerationDefaults
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request settings; None means the checkpoint's generation_config value (spec 6.1)."""
+
+    max_tokens: int | None = None  # output is cut to exactly this many tokens (finish reason "length")
+    stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's eos ids; () never stops early
+    max_denoising_steps: int | None = None  # N, steps per canvas at most
+    entropy_bound: float | None = None  # gamma of the entropy-bound acceptance rule
+    t_max: float | None = None  # temperature schedule: t_max on the first step ...
+    t_min: float | None = None  # ... falling towards t_min on the last
+    stability_threshold: int | None = None  # S: equal argmax canvases needed to stop a canvas early (0: no check)
+    confidence_threshold: float | None = None  # tau: mean entropy (nats) below which a canvas may stop early
+    temperature: float = 1.0  # factor on the proposal temperature: 1 = the model's schedule, 0 = argmax proposals
+    seed: int | None = None  # fixes every random draw of this request, whatever else runs beside it
+    stream_drafts: bool = False  # emit the argmax canvas after every denoising step
+
+    def resolve(self, defaults: GenerationDefaults, max_model_len: int, prompt_len: int) -> SamplingParams:
+        """Fill unset fields from the checkpoint's defaults and check every value; raises ValueError."""
+        p = replace(
+            self,
+            max_tokens=defaults.max_new_tokens if self.max_tokens is None else self.max_tokens,
+            stop_token_ids=defaults.eos_token_ids if self.stop_token_ids is None else tuple(self.stop_token_ids),
+            max_denoising_steps=self.max_denoising_steps or defaults.max_denoising_steps,
+            entropy_bound=defaults.entropy_bound if self.entropy_bound is None else self.entropy_bound,
+            t_max=defaults.t_max if self.t_max is None else self.t_max,
+            t_min=defaults.t_min if self.t_min is None else self.t_min,
+            stability_threshold=(
+                defaults.stability_threshold if self.stability_threshold is None else self.stability_threshold
+            ),
+            confidence_threshold=(
+                defaults.confidence_threshold if self.confidence_threshold is None else self.confidence_threshold
+            ),
+        )
+        checks = [
+            (p.max_tokens >= 1, f"max_tokens must be >= 1, got {p.max_tokens}"),
+            (
+                prompt_len + p.max_tokens <= max_model_len,
+                f"prompt ({prompt_len} tokens) + max_tokens ({p.max_tokens}) exceeds max_model_len {max_model_len}",
+            ),
+            (p.max_denoising_steps >= 1, f"max_denoising_steps must be >= 1, got {p.max_denoising_steps}"),
+            (p.entropy_bound > 0, f"entropy_bound must be > 0, got {p.entropy_bound}"),
+            (0 < p.t_min <= p.t_max, f"need 0 < t_min <= t_max, got t_min={p.t_min}, t_max={p.t_max}"),
+            (p.stability_threshold >= 0, f"stability_threshold must be >= 0, got {p.stability_threshold}"),
+            (p.confidence_threshold > 0, f"confidence_threshold must be > 0, got {p.confidence_threshold}"),
+            (0 <= p.temperature <= 100, f"temperature must be in [0, 100], got {p.temperature}"),
+            (p.seed is None or 0 <= p.seed < 2**63, f"seed must be in [0, 2**63), got {p.seed}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return p
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # a stop token
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"  # the client went away
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    num_canvases: int
+    num_denoise_steps: int  # decoder forwards this request took part in
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.completion_tokens / max(self.num_denoise_steps, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCommitted:
+    """A finished canvas: its tokens (cut at a stop token or max_tokens), ready to stream."""
+
+    request_id: str
+    token_ids: list[int]
+    num_denoise_steps: int
+    time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """The argmax canvas after a denoising step (only for requests with stream_drafts)."""
+
+    request_id: str
+    token_ids: list[int]
+    step: int
+    time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    request_id: str
+    finish_reason: FinishReason
+    usage: Usage
+    time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The request could not be served (refused at admission, or the engine faulted); `error` is user-safe text."""
+
+    request_id: str
+    error: str
+    time: float = field(default_factory=time.monotonic)
+
+
+EngineEvent = BlockCommitted | Draft | Finished | Failed
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """One engine iteration, for metrics and benchmarks."""
+
+    num_running: int
+    num_waiting: int
+    num_encode_tokens: int
+    num_denoise_rows: int
+    encode_s: float
+    forward_s: float  # decoder forward (denoise) time
+    sampler_s: float
+    kv_bytes_used: int

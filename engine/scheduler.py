@@ -1,0 +1,119 @@
+"""What runs next: admission against the KV budget, the batch of each iteration, and turning finished canvases into
+events (spec 6.2: a canvas stops when stable and confident or out of steps; output stops at a stop token or at
+max_tokens). Holds no tensors beyond the ids it is handed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.kv_cache import KVBudget
+from engine.request import BlockCommitted, Draft, EngineEvent, Finished, FinishReason, Usage
+from engine.sequence import Sequence, Status
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit; retry later (HTTP 429/503)."""
+
+
+@dataclass(slots=True)
+class Batch:
+    admitted: list[Sequence]  # need KV memory allocated before anything else
+    encode: list[Sequence]  # prefill or commit this iteration, then start a canvas
+    denoise: list[Sequence]  # every running sequence: one denoising step each
+
+
+class Scheduler:
+    def __init__(
+        self, budget: KVBudget, max_num_seqs: int, max_waiting: int, bytes_for: Callable[[Sequence], int]
+    ) -> None:
+        self.budget, self.max_num_seqs, self.max_waiting = budget, max_num_seqs, max_waiting
+        self.bytes_for = bytes_for  # Sequence -> KV bytes it will need at most
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; raises ValueError if it could never fit, QueueFullError if the queue is full."""
+        seq.kv_bytes = self.bytes_for(seq)
+        if seq.kv_bytes > self.budget.total_bytes:
+            raise ValueError(
+                f"request needs {seq.kv_bytes / 2**20:.1f} MiB of KV cache for {seq.kv_capacity} tokens, more than "
+                f"the whole budget of {self.budget.total_bytes / 2**20:.1f} MiB; shorten the prompt or max_tokens"
+            )
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
+        self.waiting.append(seq)
+
+    def schedule(self) -> Batch:
+        """Admit waiting sequences in arrival order while slots and KV memory last; everything running denoises."""
+        admitted = []
+        while (
+            self.waiting
+            and len(self.running) < self.max_num_seqs
+            and self.budget.can_allocate(self.waiting[0].kv_bytes)
+        ):
+            seq = self.waiting.popleft()
+            self.budget.allocate(seq.kv_bytes)
+            seq.status, seq.to_encode = Status.RUNNING, list(seq.prompt_ids)
+            self.running.append(seq)
+            admitted.append(seq)
+        return Batch(admitted, [s for s in self.running if s.to_encode], list(self.running))
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Drop a sequence wherever it is; its memory is free for the next iteration."""
+        for seq in (*self.waiting, *self.running):
+            if seq.request_id == request_id:
+                if seq.status is Status.WAITING:
+                    self.waiting.remove(seq)
+                else:
+                    self._release(seq)
+                seq.status = Status.FINISHED
+                return seq
+        return None
+
+    def _release(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.budget.free(seq.kv_bytes)
+        seq.kv, seq.canvas, seq.history, seq.soft_embeds = None, None, None, None
+        seq.status = Status.FINISHED
+
+    def after_step(self, seqs: list[Sequence], argmax: list[list[int]], stopped: list[bool]) -> list[EngineEvent]:
+        """Count the step; finish canvases that stopped or ran out of steps; emit drafts, blocks and finishes."""
+        events: list[EngineEvent] = []
+        for seq, tokens, is_stopped in zip(seqs, argmax, stopped, strict=True):
+            seq.canvas_steps += 1
+            seq.num_denoise_steps += 1
+            if seq.params.stream_drafts:
+                remaining = seq.params.max_tokens - seq.num_output_tokens
+                events.append(Draft(seq.request_id, tokens[:remaining], seq.canvas_steps))
+            if is_stopped or seq.steps_left == 0:
+                events.extend(self._finish_canvas(seq, tokens))
+        return events
+
+    def _finish_canvas(self, seq: Sequence, tokens: list[int]) -> list[EngineEvent]:
+        """Commit the argmax canvas: stream it up to a stop token or max_tokens, else queue it for the encoder."""
+        remaining = seq.params.max_tokens - seq.num_output_tokens
+        window = tokens[:remaining]
+        stop_ids = set(seq.params.stop_token_ids)
+        stop_at = next((i for i, t in enumerate(window) if t in stop_ids), None)
+        kept = window if stop_at is None else window[:stop_at]
+        events: list[EngineEvent] = []
+        if kept:
+            events.append(BlockCommitted(seq.request_id, kept, seq.canvas_steps))
+        seq.num_output_tokens += len(kept)
+        seq.num_canvases += 1
+        if stop_at is not None or remaining <= seq.canvas_length:
+            reason = FinishReason.STOP if stop_at is not None else FinishReason.LENGTH
+            usage = Usage(
+                prompt_tokens=len(seq.prompt_ids),
+                completion_tokens=seq.num_output_tokens + (stop_at is not None),  # the stop token counts
+                num_canvases=seq.num_canvases,
+                num_denoise_steps=seq.num_denoise_steps,
+            )
+            self._release(seq)
+            events.append(Finished(seq.request_id, reason, usage))
+        else:
+            seq.to_encode, seq.canvas_steps = tokens, 0  # the whole canvas enters the cache (spec 6.2)
+        return events
