@@ -40,11 +40,6 @@ def reference_engine(tiny_checkpoint):
     return Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=64 * MiB, reference_mode=True, max_num_seqs=1))
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
-    return Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=64 * MiB, max_num_seqs=4, max_waiting=8))
-
-
 def reference_generate(reference, ids: list[int], seed: int, **kwargs) -> list[int]:
     """transformers' output up to (not including) the first stop token, as dgserve reports it."""
     torch.manual_seed(seed)

@@ -1,0 +1,156 @@
+"""The engine on its own thread: the asyncio side submits and aborts, and awaits each request's events.
+
+One thread owns the scheduler, the KV memory and the model, so nothing is shared but two queues: commands in, and
+events delivered into per-request asyncio queues with `call_soon_threadsafe`. The event loop never waits on torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.request import EngineEvent, Failed, Finished, SamplingParams, StepStats
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; nothing more will be served."""
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    events: asyncio.Queue[EngineEvent]
+    loop: asyncio.AbstractEventLoop
+    accepted: Future[None]
+
+
+class RequestStream:
+    """A request's events; iterating ends after Finished or Failed. Closing it early aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, events: asyncio.Queue[EngineEvent]) -> None:
+        self.request_id, self._engine, self._events, self._done = request_id, engine, events, False
+
+    def __aiter__(self) -> AsyncIterator[EngineEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[EngineEvent]:
+        try:
+            while not self._done:
+                event = await self._events.get()
+                self._done = isinstance(event, Finished | Failed)
+                yield event
+        finally:
+            if not self._done:  # the consumer went away (client disconnect, cancellation)
+                self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, on_step: Callable[[StepStats], None] | None = None) -> None:
+        self.engine = Engine(config)
+        self._on_step = on_step
+        self._commands: queue.SimpleQueue[_Add | str | None] = queue.SimpleQueue()  # add, abort id, or stop
+        self._streams: dict[str, _Add] = {}
+        self._thread = threading.Thread(target=self._run, name="dgserve-engine", daemon=True)
+        self._error: BaseException | None = None
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Submit a request; raises ValueError (bad input) or QueueFullError before any event is produced."""
+        self.check_health()
+        loop = asyncio.get_running_loop()
+        command = _Add(request_id, prompt_ids, params, asyncio.Queue(), loop, Future())
+        self._commands.put(command)
+        await asyncio.wrap_future(command.accepted)
+        return RequestStream(self, request_id, command.events)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(request_id)
+
+    def check_health(self) -> None:
+        if self._error is not None or (self._thread.ident is not None and not self._thread.is_alive()):
+            raise EngineDeadError("the engine thread has stopped") from self._error
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop after the current iteration; requests still in flight get a Failed event."""
+        self._stopping.set()
+        self._commands.put(None)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._apply_commands(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished() and not self._stopping.is_set():
+                    self._step()
+        except BaseException as exc:  # the thread must report why it died, whatever it was
+            logger.exception("engine thread died")
+            self._error = exc
+        finally:
+            self._fail_all("the engine stopped" if self._error is None else "the engine failed")
+
+    def _apply_commands(self, block: bool) -> None:
+        """Apply every queued command; wait briefly for one when there is nothing to step."""
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+            while True:
+                if isinstance(command, _Add):
+                    self._add(command)
+                elif isinstance(command, str):
+                    self._streams.pop(command, None)  # nobody listens any more
+                    self.engine.abort(command)
+                command = self._commands.get_nowait()
+        except queue.Empty:
+            return
+
+    def _add(self, command: _Add) -> None:
+        try:
+            self.engine.add_request(command.request_id, command.prompt_ids, command.params)
+        except Exception as exc:  # ValueError or QueueFullError, handed to the caller's await
+            command.accepted.set_exception(exc)
+            return
+        self._streams[command.request_id] = command
+        command.accepted.set_result(None)
+
+    def _step(self) -> None:
+        try:
+            events, stats = self.engine.step()
+        except RuntimeError as exc:  # a failed forward (torch errors, out of memory): fail what ran, keep serving
+            logger.exception("engine step failed; failing the running requests")
+            for seq in list(self.engine.scheduler.running):
+                self._deliver(Failed(seq.request_id, f"engine error: {type(exc).__name__}"))
+                self.engine.abort(seq.request_id)
+            return
+        for event in events:
+            self._deliver(event)
+        if self._on_step is not None:
+            self._on_step(stats)
+
+    def _deliver(self, event: EngineEvent) -> None:
+        command = self._streams.get(event.request_id)
+        if command is None:
+            return
+        if isinstance(event, Finished | Failed):
+            del self._streams[event.request_id]
+        try:
+            command.loop.call_soon_threadsafe(command.events.put_nowait, event)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            self._streams.pop(event.request_id, None)
+
+    def _fail_all(self, error: str) -> None:
+        for request_id in list(self._streams):
+            self._deliver(Failed(request_id, error))
