@@ -32,9 +32,9 @@ SIZES: dict[str, dict[str, Any]] = {
         head_dim=16, global_head_dim=32, num_global_key_value_heads=1, sliding_window=16,
         max_position_embeddings=4096, canvas_length=32, max_denoising_steps=8, max_new_tokens=64,
     ),
-    # a 256-token canvas in well under a second per few steps on 2 CPU cores
+    # a 256-token reply in a few seconds on 2 CPU cores; a small vocabulary so random text is mostly real pieces
     "demo": dict(
-        vocab_size=8192, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=8,
+        vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=8,
         top_k_experts=2, num_hidden_layers=6, layer_types=[S, S, S, S, S, F], num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1, sliding_window=1024,
         max_position_embeddings=32768, canvas_length=256, max_denoising_steps=48, max_new_tokens=256,

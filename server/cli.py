@@ -1,25 +1,157 @@
-"""The `dgserve` command line."""
+"""The `dgserve` command line: `generate` (offline, no server) and `write-checkpoint`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
+import time
 
 import torch
+from transformers import AutoTokenizer
 
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.request import BlockCommitted, Draft, Finished, SamplingParams
+from models.hub import resolve_checkpoint
 from models.random_checkpoint import SIZES, write_random_checkpoint
+
+logger = logging.getLogger("dgserve")
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token ids separated by commas or spaces, got {text!r}") from None
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The per-request parameters; unset ones take the checkpoint's generation_config.json."""
+    group = parser.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
+    group.add_argument("--max-tokens", type=int, help="output is cut to exactly this many tokens")
+    group.add_argument("--steps", dest="max_denoising_steps", type=int, help="max denoising steps per canvas")
+    group.add_argument("--entropy-bound", type=float, help="entropy-bound acceptance gamma")
+    group.add_argument("--t-max", type=float, help="temperature of the first denoising step")
+    group.add_argument("--t-min", type=float, help="temperature the schedule falls towards")
+    group.add_argument("--stability-threshold", type=int, help="equal argmax canvases needed to stop early")
+    group.add_argument("--confidence-threshold", type=float, help="mean entropy below which a canvas may stop")
+    group.add_argument("--temperature", type=float, default=1.0, help="proposal temperature factor; 0 = argmax")
+    group.add_argument("--seed", type=int, help="fix every random draw of the request")
+    group.add_argument("--stop-token-ids", type=_token_ids, help="stop ids (default: the checkpoint's eos ids)")
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        stop_token_ids=None if args.stop_token_ids is None else tuple(args.stop_token_ids),
+        max_denoising_steps=args.max_denoising_steps,
+        entropy_bound=args.entropy_bound,
+        t_max=args.t_max,
+        t_min=args.t_min,
+        stability_threshold=args.stability_threshold,
+        confidence_threshold=args.confidence_threshold,
+        temperature=args.temperature,
+        seed=args.seed,
+        stream_drafts=args.drafts,
+    )
+
+
+def _generate(args: argparse.Namespace) -> None:
+    checkpoint = resolve_checkpoint(args.model)
+    if args.model in (None, "demo"):
+        logger.warning("using the demo checkpoint at %s: random weights, the text is gibberish", checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    if args.prompt_ids is not None:
+        prompt_ids = args.prompt_ids
+    elif args.no_chat_template:
+        prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False)
+    else:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}],
+            add_generation_prompt=True,
+            tokenize=False,
+            enable_thinking=args.enable_thinking,
+        )
+        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    config = EngineConfig(
+        str(checkpoint),
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=1,
+        reference_mode=args.reference,
+    )
+    engine = Engine(config, progress=not args.json)
+    try:
+        engine.add_request("cli", prompt_ids, _sampling_params(args))
+    except ValueError as exc:
+        sys.exit(f"dgserve generate: {exc}")
+    started, tokens, finished = time.perf_counter(), [], None
+    while engine.has_unfinished():
+        for event in engine.step()[0]:
+            if isinstance(event, BlockCommitted):
+                tokens.extend(event.token_ids)
+                if not args.json:
+                    print(tokenizer.decode(event.token_ids, skip_special_tokens=True), end="", flush=True)
+            elif isinstance(event, Draft) and not args.json:
+                print(f"\r[draft step {event.step}] {tokenizer.decode(event.token_ids)[:60]!r}", file=sys.stderr)
+            elif isinstance(event, Finished):
+                finished = event
+    seconds = time.perf_counter() - started
+    if args.json:
+        usage = finished.usage
+        record = {
+            "prompt_ids": prompt_ids,
+            "token_ids": tokens,
+            "text": tokenizer.decode(tokens, skip_special_tokens=True),
+            "finish_reason": finished.finish_reason.value,
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "num_canvases": usage.num_canvases,
+                "num_denoise_steps": usage.num_denoise_steps,
+                "tokens_per_forward": round(usage.tokens_per_forward, 3),
+            },
+            "seconds": round(seconds, 3),
+        }
+        print(json.dumps(record))
+    else:
+        print()
+        logger.info(
+            "%d tokens in %.2f s (%s), %d denoising steps over %d canvases",
+            len(tokens), seconds, finished.finish_reason.value, finished.usage.num_denoise_steps,
+            finished.usage.num_canvases,
+        )  # fmt: skip
 
 
 def _write_checkpoint(args: argparse.Namespace) -> None:
     path = write_random_checkpoint(
         args.directory, args.size, seed=args.seed, dtype=getattr(torch, args.dtype), num_shards=args.shards
     )
-    logging.getLogger("dgserve").info("wrote a random-weight %s checkpoint to %s", args.size, path)
+    logger.info("wrote a random-weight %s checkpoint to %s", args.size, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgserve", description="Serve block-diffusion language models.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser(
+        "generate", help="generate offline from the command line, no server", description="Generate one reply."
+    )
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text (the chat template is applied unless --no-chat-template)")
+    source.add_argument("--prompt-ids", type=_token_ids, help="prompt as token ids, used as given")
+    gen.add_argument("--model", default="demo", help="checkpoint directory, hub id, or 'demo' (random weights)")
+    gen.add_argument("--no-chat-template", action="store_true", help="encode --prompt as plain text")
+    gen.add_argument("--enable-thinking", action="store_true", help="chat template with the thinking channel on")
+    gen.add_argument("--reference", action="store_true", help="exact transformers generate() mode (global RNG)")
+    gen.add_argument("--json", action="store_true", help="print one JSON record: token ids, text, usage")
+    gen.add_argument("--drafts", action="store_true", help="show the refining canvas after every step (stderr)")
+    gen.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    gen.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bf16 on CUDA, fp32 on CPU")
+    _add_sampling_arguments(gen)
+    gen.set_defaults(run=_generate)
 
     write = commands.add_parser(
         "write-checkpoint",

@@ -1,0 +1,65 @@
+"""`dgserve` as a user runs it: real subprocesses on checkpoints in the real format."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from transformers import DiffusionGemmaForBlockDiffusion
+
+
+def dgserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def test_generate_reference_mode_prints_the_tokens_transformers_generates(tiny_checkpoint):
+    ids = [2, 105, 400, 107, 300, 301, 302, 106, 107, 105, 500, 107]
+    run = dgserve(
+        "generate", "--model", str(tiny_checkpoint), "--prompt-ids", ",".join(map(str, ids)),
+        "--reference", "--seed", "7", "--steps", "6", "--max-tokens", "64", "--stop-token-ids", "", "--json",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout)
+    reference = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_checkpoint).eval()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([ids]), max_new_tokens=64, max_denoising_steps=6, eos_token_id=None)
+    assert record["token_ids"] == expected.sequences[0, len(ids) :].tolist()
+    assert record["finish_reason"] == "length" and record["usage"]["completion_tokens"] == 64
+    assert record["usage"]["num_denoise_steps"] == 12 and record["prompt_ids"] == ids
+
+
+def test_generate_applies_the_chat_template_and_prints_text(tiny_checkpoint):
+    run = dgserve("generate", "--model", str(tiny_checkpoint), "--prompt", "Hello there", "--max-tokens", "20",
+                  "--seed", "1", "--json")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout)
+    # <bos><|turn>user\n ... <|turn>model\n<|channel>thought\n<channel|>: the empty thought channel (spec 7)
+    assert record["prompt_ids"][:2] == [2, 105] and record["prompt_ids"][-1] == 101 and 100 in record["prompt_ids"]
+    assert len(record["token_ids"]) <= 20 and isinstance(record["text"], str)
+
+
+def test_generate_rejects_bad_parameters_with_a_clear_message(tiny_checkpoint):
+    run = dgserve("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--max-tokens", "0")
+    assert run.returncode != 0 and "max_tokens must be >= 1" in run.stderr
+
+
+def test_write_checkpoint_then_generate_from_the_demo_cache(tmp_path):
+    written = dgserve("write-checkpoint", str(tmp_path / "ck"), "--size", "tiny", "--shards", "2")
+    assert written.returncode == 0, written.stderr
+    assert (tmp_path / "ck" / "model.safetensors.index.json").is_file()
+    run = dgserve(
+        "generate", "--prompt", "hi", "--max-tokens", "8", "--steps", "2", env={"DGSERVE_CACHE": str(tmp_path)}
+    )
+    assert run.returncode == 0, run.stderr
+    assert "random weights" in run.stderr and (tmp_path / "demo-checkpoint" / "config.json").is_file()
