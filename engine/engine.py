@@ -10,7 +10,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_cache import KVBudget
 from engine.model_runner import ModelRunner
-from engine.request import EngineEvent, Finished, FinishReason, SamplingParams, StepStats, Usage
+from engine.request import BlockCommitted, EngineEvent, Finished, FinishReason, SamplingParams, StepStats, Usage
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from models.loader import load_model
@@ -86,6 +86,7 @@ class Engine:
             num_waiting=len(self.scheduler.waiting),
             num_encode_tokens=num_encoded,
             num_denoise_rows=len(batch.denoise),
+            num_output_tokens=sum(len(e.token_ids) for e in events if isinstance(e, BlockCommitted)),
             encode_s=encode_s,
             forward_s=forward_s,
             sampler_s=sampler_s,

@@ -30,6 +30,11 @@ class ModelRunner:
     def kv_bytes(self, seq: Sequence) -> int:
         return SequenceKV.num_bytes(self.config, seq.kv_capacity, self.dtype)
 
+    def kv_bytes_for(self, prompt_len: int, max_tokens: int) -> int:
+        """KV bytes a request of this shape is charged (prompt + whole canvases)."""
+        capacity = prompt_len + -(-max_tokens // self.config.canvas_length) * self.config.canvas_length
+        return SequenceKV.num_bytes(self.config, capacity, self.dtype)
+
     def allocate(self, seq: Sequence) -> None:
         """KV memory and the random stream of a newly admitted sequence."""
         seq.kv = SequenceKV(self.config, seq.kv_capacity, self.device, self.dtype)

@@ -128,6 +128,7 @@ class StepStats:
     num_waiting: int
     num_encode_tokens: int
     num_denoise_rows: int
+    num_output_tokens: int  # tokens committed to outputs this iteration
     encode_s: float
     forward_s: float  # decoder forward (denoise) time
     sampler_s: float

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -125,6 +126,75 @@ def _generate(args: argparse.Namespace) -> None:
         )  # fmt: skip
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from engine.async_engine import AsyncEngine
+    from server.app import ServerConfig, create_app
+    from server.metrics import Metrics
+    from server.text import Tokenizer
+
+    checkpoint = resolve_checkpoint(args.model)
+    if args.model in (None, "demo"):
+        logger.warning("serving the DEMO checkpoint at %s: it has RANDOM weights and writes gibberish", checkpoint)
+    name = args.served_model_name or ("dgserve-demo" if args.model in (None, "demo") else args.model)
+    metrics = Metrics(name)
+    engine = AsyncEngine(
+        EngineConfig(
+            str(checkpoint),
+            device=args.device,
+            dtype=args.dtype,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+            kv_budget_bytes=args.kv_budget_bytes,
+            kv_budget_fraction=args.kv_budget_fraction,
+            max_waiting=args.max_waiting,
+        ),
+        on_step=metrics.on_step,
+    )
+    budget = engine.engine.scheduler.budget.total_bytes
+    metrics.kv_budget.set(budget)
+    typical = engine.engine.runner.kv_bytes_for(1024, 1024)
+    logger.info(
+        "model %s from %s; KV budget %.1f GiB: %d sequences of 1K prompt + 1K output fit at once (max_num_seqs %d)",
+        name, checkpoint, budget / 2**30, budget // typical, args.max_num_seqs,
+    )  # fmt: skip
+    app = create_app(engine, Tokenizer(checkpoint), metrics, ServerConfig(name, api_key=args.api_key))
+    url = f"http://{args.host}:{args.port}"
+    auth = " -H 'Authorization: Bearer $DGSERVE_API_KEY'" if args.api_key else ""
+    logger.info(
+        "serving on %s/v1; try:\n  curl %s/v1/chat/completions -H 'Content-Type: application/json'%s "
+        "-d '{\"model\": \"%s\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'",
+        url, url, auth, name,
+    )  # fmt: skip
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.drain_timeout)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"DGSERVE_{name}", default)
+
+
+def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    """Every option also reads DGSERVE_<NAME> from the environment (for containers)."""
+    serve.add_argument("--model", default=_env("MODEL", "demo"), help="checkpoint directory, hub id, or 'demo'")
+    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(_env("PORT", "8000")))
+    serve.add_argument("--api-key", default=_env("API_KEY"), help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"), help="the model id clients use")
+    serve.add_argument("--dtype", default=_env("DTYPE"), choices=["bfloat16", "float32"])
+    serve.add_argument("--device", default=_env("DEVICE"))
+    serve.add_argument("--max-num-seqs", type=int, default=int(_env("MAX_NUM_SEQS", "8")))
+    serve.add_argument("--max-model-len", type=int, default=_int_or_none(_env("MAX_MODEL_LEN")))
+    serve.add_argument("--max-waiting", type=int, default=int(_env("MAX_WAITING", "256")))
+    serve.add_argument("--kv-budget-bytes", type=int, default=_int_or_none(_env("KV_BUDGET_BYTES")))
+    serve.add_argument("--kv-budget-fraction", type=float, default=float(_env("KV_BUDGET_FRACTION", "0.5")))
+    serve.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", "30")))
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return None if value is None else int(value)
+
+
 def _write_checkpoint(args: argparse.Namespace) -> None:
     path = write_random_checkpoint(
         args.directory, args.size, seed=args.seed, dtype=getattr(torch, args.dtype), num_shards=args.shards
@@ -135,6 +205,10 @@ def _write_checkpoint(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgserve", description="Serve block-diffusion language models.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    _add_serve_arguments(serve)
+    serve.set_defaults(run=_serve)
 
     gen = commands.add_parser(
         "generate", help="generate offline from the command line, no server", description="Generate one reply."

@@ -1,0 +1,223 @@
+"""The FastAPI app: thin routes over `Serving`, plus the guard every request passes (request id, auth, body size,
+request metrics) and the health, readiness, metrics and tokenizer endpoints."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine.async_engine import AsyncEngine, EngineDeadError
+from server.errors import OpenAIError, error_body, install_error_handlers
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.serving import Serving
+from server.text import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+OPEN_PATHS = {"/health", "/ready", "/metrics"}  # everything else needs the key when one is set (fail closed)
+KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/ready", "/metrics", "/version",
+               "/tokenize", "/detokenize", "/tokenizer_info"}  # fmt: skip
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 2**20
+    default_max_tokens: int = 4096  # chat requests without max_tokens, clamped to the context left
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestGuard:
+    """Pure ASGI middleware, so streaming responses and disconnect detection pass through untouched."""
+
+    def __init__(self, app: ASGIApp, config: ServerConfig, metrics: Metrics) -> None:
+        self.app, self.config, self.metrics = app, config, metrics
+        self._key = config.api_key.encode() if config.api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        inbound = headers.get("x-request-id", "")
+        request_id = inbound if _REQUEST_ID.fullmatch(inbound) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        path = scope["path"]
+        endpoint = path if path in KNOWN_PATHS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        status = {"code": 500, "started": False}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        async def reply(error: OpenAIError) -> None:
+            body = json.dumps(error.body()).encode()
+            extra = [(b"www-authenticate", b"Bearer")] if error.status == 401 else []
+            await send_with_id({"type": "http.response.start", "status": error.status,
+                                "headers": [(b"content-type", b"application/json"), *extra]})  # fmt: skip
+            await send_with_id({"type": "http.response.body", "body": body})
+
+        try:
+            if self._key is not None and path not in OPEN_PATHS and not self._authorized(headers):
+                return await reply(OpenAIError(401, "Incorrect API key provided.", "invalid_api_key"))
+            if int(headers.get("content-length") or 0) > self.config.max_body_bytes:
+                return await reply(self._too_large())
+            await self.app(scope, self._limited(receive), send_with_id)
+        except _BodyTooLarge:
+            if not status["started"]:
+                await reply(self._too_large())
+        finally:
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._key)
+
+    def _too_large(self) -> OpenAIError:
+        return OpenAIError(413, f"request body larger than {self.config.max_body_bytes} bytes", "content_too_large")
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Count bytes of chunked bodies too: Content-Length alone can be absent."""
+        seen = 0
+
+        async def wrapped() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.config.max_body_bytes:
+                raise _BodyTooLarge
+            return message
+
+        return wrapped
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    enable_thinking: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
+def create_app(engine: AsyncEngine, tokenizer: Tokenizer, metrics: Metrics, config: ServerConfig) -> FastAPI:
+    serving = Serving(
+        engine, tokenizer, metrics, config.model_name, engine.engine.max_model_len, config.default_max_tokens
+    )
+    state = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start()
+        state["ready"] = True
+        logger.info("ready to serve %s", config.model_name)
+        yield
+        state["ready"] = False
+        engine.shutdown(timeout=30)
+
+    app = FastAPI(title="dgserve", version=VERSION, lifespan=lifespan)
+    install_error_handlers(app)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "dgserve",
+                "max_model_len": engine.engine.max_model_len}  # fmt: skip
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != config.model_name:
+            raise OpenAIError(404, f"The model `{model_id}` does not exist.", "model_not_found", "model")
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        job = serving.completion_job(body, f"cmpl-{request.state.request_id}")
+        return await run(job, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        job = serving.chat_job(body, f"chatcmpl-{request.state.request_id}")
+        return await run(job, request)
+
+    async def run(job, request: Request) -> Response:
+        if not state["ready"]:
+            raise OpenAIError(503, "the server is not ready", "not_ready", retry_after=5)
+        streams = await serving.admit(job)  # before any 200: overload is a real status code
+        return serving.stream(job, streams) if job.body.stream else await serving.collect(job, streams, request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            engine.check_health()
+        except EngineDeadError:
+            return JSONResponse(error_body(503, "the engine is not running", "engine_dead"), status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        try:
+            engine.check_health()
+        except EngineDeadError:
+            state["ready"] = False
+        if not state["ready"]:
+            return JSONResponse(error_body(503, "not ready", "not_ready"), status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": VERSION}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        if (body.prompt is None) == (body.messages is None):
+            raise OpenAIError(400, "give exactly one of prompt or messages", "invalid_request", "prompt")
+        try:
+            ids = (tokenizer.encode(body.prompt) if body.prompt is not None
+                   else tokenizer.chat_prompt_ids(body.messages, body.enable_thinking))  # fmt: skip
+        except ValueError as exc:
+            raise OpenAIError(400, f"cannot tokenize: {exc}", "invalid_request", "messages") from None
+        return {"count": len(ids), "max_model_len": engine.engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+        if bad := [t for t in body.tokens if not 0 <= t < serving.vocab_size]:
+            raise OpenAIError(400, f"token id {bad[0]} is outside the vocabulary", "invalid_request", "tokens")
+        return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return tokenizer.info() | {"max_model_len": engine.engine.max_model_len}
+
+    app.add_middleware(RequestGuard, config=config, metrics=metrics)
+    return app

@@ -1,0 +1,85 @@
+"""OpenAI-shaped errors: the four-key object with a string code, the right status, and never internals in a body."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
+          500: "server_error", 503: "server_error"}  # fmt: skip
+
+
+class OpenAIError(Exception):
+    """Raise anywhere in a handler to answer with this status and OpenAI error object."""
+
+    def __init__(
+        self, status: int, message: str, code: str, param: str | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.retry_after = status, message, code, param, retry_after
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.code, self.param)
+
+
+def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param,
+                      "code": code}}  # fmt: skip
+
+
+def error_response(error: OpenAIError) -> JSONResponse:
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
+    if error.status >= 500:
+        headers["x-should-retry"] = "false" if error.retry_after is None else "true"
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first problem, as `param: message`, from FastAPI's 422 details."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    # Union members add their type names to the location ("prompt.list[int].0"); keep the field path only.
+    parts = [str(p) for p in first.get("loc", ())[1:] if not (isinstance(p, str) and _is_type_name(p))]
+    param = ".".join(parts) or None
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    message = first.get("msg", "invalid value")
+    return (f"{param}: {message}" if param else message), param
+
+
+def _is_type_name(part: str) -> bool:
+    return part in _TYPE_NAMES or "[" in part or "-" in part
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(OpenAIError(400, message, "invalid_request", param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        return error_response(OpenAIError(exc.status_code, str(exc.detail), code))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error on %s", request.url.path, exc_info=exc)
+        return error_response(OpenAIError(500, "internal server error", "internal_error"))

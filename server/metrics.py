@@ -1,0 +1,78 @@
+"""Prometheus metrics (the only prometheus_client import): requests, tokens, latencies, engine steps, memory."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from engine.request import StepStats
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+_STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+_TPF = (0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """One registry per app, so that tests can build several apps in one process."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "dgserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry
+        )
+        self.prompt_tokens = Counter("dgserve_prompt_tokens", "Prompt tokens processed", registry=registry)
+        self.generation_tokens = Counter("dgserve_generation_tokens", "Tokens generated", registry=registry)
+        self.tokens_per_second = Gauge(
+            "dgserve_generation_tokens_per_second", "Generated tokens per second over the last 10 s", registry=registry
+        )
+        self.time_to_first_block = Histogram(
+            "dgserve_time_to_first_block_seconds", "Arrival to first committed block", buckets=_LATENCY,
+            registry=registry,
+        )  # fmt: skip
+        self.e2e_latency = Histogram(
+            "dgserve_e2e_request_latency_seconds", "Arrival to finish", buckets=_LATENCY, registry=registry
+        )
+        self.step_latency = Histogram(
+            "dgserve_denoise_step_seconds", "One engine iteration: encode, decoder forward and sampler",
+            buckets=_STEP, registry=registry,
+        )  # fmt: skip
+        self.steps_per_canvas = Histogram(
+            "dgserve_denoise_steps_per_canvas", "Denoising steps a canvas took", buckets=_STEPS, registry=registry
+        )
+        self.tokens_per_forward = Histogram(
+            "dgserve_tokens_per_forward", "Per request: output tokens per denoising forward", buckets=_TPF,
+            registry=registry,
+        )  # fmt: skip
+        self.running = Gauge("dgserve_num_requests_running", "Sequences being denoised", registry=registry)
+        self.waiting = Gauge("dgserve_num_requests_waiting", "Sequences waiting for admission", registry=registry)
+        self.kv_used = Gauge("dgserve_kv_cache_used_bytes", "KV memory charged to sequences", registry=registry)
+        self.kv_budget = Gauge("dgserve_kv_cache_budget_bytes", "KV memory budget", registry=registry)
+        info = Gauge("dgserve_model_info", "The served model", ["model_name"], registry=registry)
+        info.labels(model_name=model_name).set(1)
+        self._recent: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def on_step(self, stats: StepStats) -> None:
+        """Called by the engine thread after every iteration."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_used.set(stats.kv_bytes_used)
+        if stats.num_denoise_rows or stats.num_encode_tokens:
+            self.step_latency.observe(stats.encode_s + stats.forward_s + stats.sampler_s)
+        self._count_tokens(stats.num_output_tokens)
+
+    def _count_tokens(self, tokens: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._recent.append((now, tokens))
+            while self._recent and self._recent[0][0] < now - 10:
+                self._recent.popleft()
+            span = max(now - self._recent[0][0], 1.0)
+            self.tokens_per_second.set(sum(t for _, t in self._recent) / span)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

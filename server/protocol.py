@@ -1,0 +1,222 @@
+"""OpenAI request shapes (plus our `diffusion` extension) as pydantic models: validation here becomes a 400 that names
+the parameter. Fields we cannot honour are refused, never silently ignored; fields outside the OpenAI schema are
+accepted and logged, as vLLM does, because benchmark and evaluation clients send its extensions.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+
+# Caps that real clients pass (evaluation harnesses send 5-6 stop strings and lists of prompts) while bounding work.
+MAX_N = 16
+MAX_STOP_STRINGS = 32
+MAX_STOP_LENGTH = 512
+MAX_PROMPTS = 256
+MAX_MESSAGES = 2048
+INT64_MAX = 2**63 - 1
+
+
+class UnsupportedParameter(ValueError):
+    """A known OpenAI parameter whose meaning we cannot honour; becomes a 400 naming `param`."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class DiffusionOptions(BaseModel):
+    """Per-request diffusion controls, sent as `extra_body={"diffusion": {...}}`; unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: Annotated[int, Field(ge=1, le=1024)] | None = None
+    entropy_bound: Annotated[float, Field(gt=0, le=1e4)] | None = None
+    t_max: Annotated[float, Field(gt=0, le=100)] | None = None
+    t_min: Annotated[float, Field(gt=0, le=100)] | None = None
+    stability_threshold: Annotated[int, Field(ge=0, le=1024)] | None = None
+    confidence_threshold: Annotated[float, Field(gt=0, le=1e4)] | None = None
+    stream_drafts: StrictBool = False
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM extension: usage on every chunk
+
+
+StopField = (
+    Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
+    | Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]], Field(max_length=MAX_STOP_STRINGS)
+    ]
+)
+
+
+class SamplingFields(OpenAIModel):
+    """Fields shared by both endpoints."""
+
+    model: str | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    seed: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
+    stop: StopField | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    ignore_eos: StrictBool = False  # vLLM extension that benchmark clients send
+    diffusion: DiffusionOptions | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def refuse_unsupported(self) -> None:
+        """Raise UnsupportedParameter for parameters whose meaning we would otherwise silently change."""
+        if self.top_p not in (None, 1.0):
+            raise UnsupportedParameter("top_p", "top_p is not supported by diffusion sampling; use temperature")
+        if extra := self.model_extra or {}:
+            if extra.get("top_k") not in (None, -1, 0):
+                raise UnsupportedParameter("top_k", "top_k is not supported by diffusion sampling; use temperature")
+            if extra.get("min_p") not in (None, 0, 0.0):
+                raise UnsupportedParameter("min_p", "min_p is not supported by diffusion sampling")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name) not in (None, 0.0):
+                raise UnsupportedParameter(name, f"{name} is not supported by diffusion sampling")
+        if self.logit_bias:
+            raise UnsupportedParameter("logit_bias", "logit_bias is not supported")
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    suffix: str | None = None
+    echo: StrictBool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.suffix is not None:
+            raise UnsupportedParameter("suffix", "suffix is not supported yet")
+        if self.echo:
+            raise UnsupportedParameter("echo", "echo is not supported yet")
+        if self.logprobs is not None:
+            raise UnsupportedParameter("logprobs", "logprobs are not supported by diffusion sampling yet")
+        if self.best_of not in (None, 1):
+            raise UnsupportedParameter("best_of", "best_of > 1 is not supported")
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of prompts, each text or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+
+class ContentPart(BaseModel):
+    """Any content part: only text is served for now; images, audio and files are refused by name."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatTemplateKwargs(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    enable_thinking: StrictBool = False
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        for i, message in enumerate(self.messages):
+            if message.role in ("tool", "function"):
+                raise UnsupportedParameter(f"messages[{i}].role", f"role {message.role!r} is not supported yet")
+            if isinstance(message.content, list):
+                for part in message.content:
+                    if part.type != "text" or part.text is None:
+                        raise UnsupportedParameter(
+                            f"messages[{i}].content", f"content parts of type {part.type!r} are not supported yet"
+                        )
+        if self.logprobs or self.top_logprobs:
+            raise UnsupportedParameter("logprobs", "logprobs are not supported by diffusion sampling yet")
+        if self.tools:
+            raise UnsupportedParameter("tools", "tools are not supported yet")
+        if self.tool_choice not in (None, "none"):
+            raise UnsupportedParameter("tool_choice", "tool_choice is not supported yet")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise UnsupportedParameter("response_format", "only response_format type 'text' is supported")
+        if self.audio is not None or (self.modalities and set(self.modalities) != {"text"}):
+            raise UnsupportedParameter("modalities", "only text output is supported")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def enable_thinking(self) -> bool:
+        return bool(self.chat_template_kwargs and self.chat_template_kwargs.enable_thinking)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as the chat template takes them: text content only."""
+        out = []
+        for m in self.messages:
+            content = m.content if isinstance(m.content, str) or m.content is None else [
+                {"type": "text", "text": p.text} for p in m.content
+            ]  # fmt: skip
+            out.append({"role": m.role, "content": content or ""})
+        return out

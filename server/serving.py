@@ -1,0 +1,341 @@
+"""Requests to engine jobs, engine events to OpenAI responses: one pipeline for completions and chat.
+
+validate -> prompt ids and SamplingParams per choice -> admit every choice (errors become real status codes before
+any 200) -> stream one SSE chunk per committed block, or collect. A client that goes away aborts its engine jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from engine.request import BlockCommitted, Draft, EngineEvent, Failed, Finished, SamplingParams
+from engine.scheduler import QueueFullError
+from server.errors import OpenAIError, error_body
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, UnsupportedParameter
+from server.text import OutputText, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Choice:
+    """One (prompt, sample) pair: its engine job and the text it has produced."""
+
+    index: int
+    engine_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    text: OutputText
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    started: bool = False  # the role chunk went out (chat streaming)
+
+
+@dataclass(slots=True)
+class Job:
+    """Everything one HTTP request runs."""
+
+    request_id: str
+    kind: str  # "completion" or "chat"
+    body: SamplingFields
+    choices: list[Choice]
+    arrival: float
+    created: int = field(default_factory=lambda: int(time.time()))
+    first_block_seen: bool = False
+
+    @property
+    def object_name(self) -> str:
+        return "text_completion" if self.kind == "completion" else "chat.completion"
+
+    def usage(self) -> dict[str, int]:
+        prompt = sum(len(c.prompt_ids) for c in self.choices if c.index % self.body.n == 0)  # each prompt once
+        completion = sum(c.completion_tokens for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Serving:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        tokenizer: Tokenizer,
+        metrics: Metrics,
+        model_name: str,
+        max_model_len: int,
+        default_max_tokens: int,
+    ) -> None:
+        self.engine, self.tokenizer, self.metrics = engine, tokenizer, metrics
+        self.model_name, self.max_model_len, self.default_max_tokens = model_name, max_model_len, default_max_tokens
+        self.vocab_size = engine.engine.model_config.vocab_size
+
+    # --- request -> job ---------------------------------------------------------------------------------------------
+
+    def _check_common(self, body: SamplingFields) -> None:
+        if body.model is not None and body.model != self.model_name:
+            raise OpenAIError(404, f"The model `{body.model}` does not exist.", "model_not_found", "model")
+        try:
+            body.refuse_unsupported()
+        except UnsupportedParameter as exc:
+            raise OpenAIError(400, str(exc), "unsupported_parameter", exc.param) from None
+        if ignored := body.ignored_fields():
+            logger.warning("ignoring request fields outside the OpenAI schema: %s", ", ".join(ignored))
+
+    def _choices(
+        self, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None, param: str, split: bool
+    ) -> list[Choice]:
+        choices = []
+        for p, ids in enumerate(prompts):
+            budget = max_tokens or min(self.default_max_tokens, self.max_model_len - len(ids))
+            if len(ids) + budget > self.max_model_len:
+                raise OpenAIError(
+                    400,
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                    f"{budget} output tokens and your prompt contains {len(ids)} tokens.",
+                    "context_length_exceeded",
+                    param,
+                )
+            for sample in range(body.n):
+                params = self._sampling_params(body, budget, sample)
+                index = p * body.n + sample
+                text = OutputText(self.tokenizer, body.stop_strings, split_reasoning=split)
+                choices.append(Choice(index, "", ids, params, text))
+        return choices
+
+    @staticmethod
+    def _sampling_params(body: SamplingFields, max_tokens: int, sample: int) -> SamplingParams:
+        d = body.diffusion
+        return SamplingParams(
+            max_tokens=max_tokens,
+            stop_token_ids=() if body.ignore_eos else None,
+            max_denoising_steps=d and d.steps,
+            entropy_bound=d and d.entropy_bound,
+            t_max=d and d.t_max,
+            t_min=d and d.t_min,
+            stability_threshold=d and d.stability_threshold,
+            confidence_threshold=d and d.confidence_threshold,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            seed=None if body.seed is None else (body.seed + sample) % 2**63,  # n samples must differ
+            stream_drafts=bool(d and d.stream_drafts),
+        )
+
+    def completion_job(self, body: CompletionRequest, request_id: str) -> Job:
+        self._check_common(body)
+        prompts = []
+        for prompt in body.prompts:
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            if not ids:
+                raise OpenAIError(400, "the prompt encodes to no tokens", "invalid_prompt", "prompt")
+            if bad := [t for t in ids if t >= self.vocab_size]:
+                raise OpenAIError(400, f"token id {bad[0]} is outside the vocabulary", "invalid_prompt", "prompt")
+            prompts.append(ids)
+        choices = self._choices(body, prompts, body.max_tokens, "prompt", split=False)
+        return Job(request_id, "completion", body, choices, time.monotonic())
+
+    def chat_job(self, body: ChatCompletionRequest, request_id: str) -> Job:
+        self._check_common(body)
+        try:
+            ids = self.tokenizer.chat_prompt_ids(body.template_messages(), body.enable_thinking)
+        except ValueError as exc:
+            raise OpenAIError(400, f"cannot apply the chat template: {exc}", "invalid_messages", "messages") from None
+        choices = self._choices(body, [ids], body.requested_max_tokens, "messages", split=True)
+        return Job(request_id, "chat", body, choices, time.monotonic())
+
+    # --- admission ----------------------------------------------------------------------------------------------------
+
+    async def admit(self, job: Job) -> list[RequestStream]:
+        """Submit every choice; on any refusal abort the ones already in and raise the matching HTTP error."""
+        streams: list[RequestStream] = []
+        try:
+            for choice in job.choices:
+                choice.engine_id = f"{job.request_id}-{choice.index}"
+                streams.append(await self.engine.add_request(choice.engine_id, choice.prompt_ids, choice.params))
+        except (ValueError, QueueFullError, EngineDeadError) as exc:
+            for stream in streams:
+                self.engine.abort(stream.request_id)
+            if isinstance(exc, QueueFullError):
+                raise OpenAIError(429, "the server is busy; retry shortly", "server_busy", retry_after=1) from None
+            if isinstance(exc, EngineDeadError):
+                raise OpenAIError(503, "the engine is not running", "engine_unavailable", retry_after=5) from None
+            code = "context_length_exceeded" if "KV" in str(exc) else "invalid_request"
+            raise OpenAIError(400, str(exc), code) from None
+        self.metrics.prompt_tokens.inc(job.usage()["prompt_tokens"])
+        return streams
+
+    # --- events -> responses ------------------------------------------------------------------------------------------
+
+    async def _events(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, EngineEvent]]:
+        """All choices' events as they come; cancelling the consumer cancels (and so aborts) every choice."""
+        merged: asyncio.Queue[tuple[int, EngineEvent | None]] = asyncio.Queue()
+
+        async def pump(i: int, stream: RequestStream) -> None:
+            async for event in stream:
+                await merged.put((i, event))
+            await merged.put((i, None))
+
+        tasks = {i: asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)}
+        try:
+            while tasks:
+                i, event = await merged.get()
+                if event is None:
+                    tasks.pop(i, None)
+                    continue
+                stop = yield i, event
+                if stop:  # a stop string ended this choice: stop listening, which aborts its engine job
+                    tasks.pop(i).cancel()
+        finally:
+            for task in tasks.values():
+                task.cancel()
+
+    def _apply(self, job: Job, choice: Choice, event: EngineEvent) -> tuple[str, str]:
+        """Fold an event into a choice; returns the (content, reasoning) text it adds."""
+        if isinstance(event, BlockCommitted):
+            if not job.first_block_seen:
+                job.first_block_seen = True
+                self.metrics.time_to_first_block.observe(event.time - job.arrival)
+            self.metrics.steps_per_canvas.observe(event.num_denoise_steps)
+            choice.completion_tokens += len(event.token_ids)
+            delta = choice.text.push(event.token_ids)
+            if delta.stopped:
+                choice.finish_reason = "stop"
+        elif isinstance(event, Finished):
+            delta = choice.text.flush()
+            choice.finish_reason = choice.finish_reason or event.finish_reason.value
+            choice.completion_tokens = event.usage.completion_tokens
+            self.metrics.tokens_per_forward.observe(event.usage.tokens_per_forward)
+        else:
+            return "", ""
+        self.metrics.generation_tokens.inc(len(event.token_ids) if isinstance(event, BlockCommitted) else 0)
+        choice.content.append(delta.content)
+        choice.reasoning.append(delta.reasoning)
+        return delta.content, delta.reasoning
+
+    async def collect(self, job: Job, streams: list[RequestStream], request: Request) -> JSONResponse:
+        async def run() -> None:
+            events = self._events(streams)
+            stop = None
+            while True:
+                try:
+                    i, event = await events.asend(stop)
+                except StopAsyncIteration:
+                    return
+                if isinstance(event, Failed):
+                    raise OpenAIError(500, f"generation failed: {event.error}", "generation_failed")
+                self._apply(job, job.choices[i], event)
+                stop = job.choices[i].finish_reason == "stop" and isinstance(event, BlockCommitted)
+
+        if not await _until_disconnected(run(), request):
+            return JSONResponse(error_body(499, "client closed the request", "client_closed"), status_code=499)
+        self.metrics.e2e_latency.observe(time.monotonic() - job.arrival)
+        return JSONResponse(self._final_body(job))
+
+    def _final_body(self, job: Job) -> dict[str, Any]:
+        choices = []
+        for c in sorted(job.choices, key=lambda c: c.index):
+            content = "".join(c.content)
+            if job.kind == "completion":
+                choices.append({"index": c.index, "text": content, "logprobs": None, "finish_reason": c.finish_reason})
+            else:
+                message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+                if reasoning := "".join(c.reasoning):
+                    message["reasoning_content"] = reasoning
+                choices.append({"index": c.index, "message": message, "logprobs": None,
+                                "finish_reason": c.finish_reason})  # fmt: skip
+        return {"id": job.request_id, "object": job.object_name, "created": job.created, "model": self.model_name,
+                "choices": choices, "usage": job.usage()}  # fmt: skip
+
+    def stream(self, job: Job, streams: list[RequestStream]) -> EventSourceResponse:
+        return EventSourceResponse(self._sse(job, streams), ping=15, sep="\n")
+
+    def _chunk(self, job: Job, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": job.request_id,
+            "object": "text_completion" if job.kind == "completion" else "chat.completion.chunk",
+            "created": job.created,
+            "model": self.model_name,
+            "choices": choices,
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return json.dumps(body, ensure_ascii=False)
+
+    def _choice_chunk(self, job: Job, c: Choice, content: str, reasoning: str, finish: str | None) -> dict:
+        if job.kind == "completion":
+            return {"index": c.index, "text": content, "logprobs": None, "finish_reason": finish}
+        delta: dict[str, Any] = {}
+        if not c.started:
+            c.started = True
+            delta = {"role": "assistant", "content": ""}
+        if content:
+            delta["content"] = delta.get("content", "") + content
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        return {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    async def _sse(self, job: Job, streams: list[RequestStream]) -> AsyncIterator[dict[str, str]]:
+        options = job.body.stream_options
+        continuous = bool(options and options.continuous_usage_stats)
+        events = self._events(streams)
+        stop = None
+        try:
+            while True:
+                try:
+                    i, event = await events.asend(stop)
+                except StopAsyncIteration:
+                    break
+                choice = job.choices[i]
+                stop = None
+                if isinstance(event, Failed):
+                    error = error_body(500, f"generation failed: {event.error}", "generation_failed")
+                    yield {"data": json.dumps(error)}
+                    yield {"data": "[DONE]"}
+                    return
+                if isinstance(event, Draft):
+                    draft = self.tokenizer.decode(event.token_ids)
+                    yield {"event": "draft", "data": json.dumps({"id": job.request_id, "index": choice.index,
+                                                                 "step": event.step, "text": draft})}  # fmt: skip
+                    continue
+                was_done = choice.finish_reason is not None
+                content, reasoning = self._apply(job, choice, event)
+                if was_done:
+                    continue
+                finish = choice.finish_reason if (isinstance(event, Finished) or choice.finish_reason) else None
+                usage = job.usage() if continuous else None
+                if content or reasoning or (job.kind == "chat" and not choice.started):
+                    yield {"data": self._chunk(job, [self._choice_chunk(job, choice, content, reasoning, None)], usage)}
+                if finish is not None:
+                    yield {"data": self._chunk(job, [self._choice_chunk(job, choice, "", "", finish)], usage)}
+                    stop = isinstance(event, BlockCommitted)
+            if options and options.include_usage:
+                yield {"data": self._chunk(job, [], job.usage())}
+            yield {"data": "[DONE]"}
+            self.metrics.e2e_latency.observe(time.monotonic() - job.arrival)
+        finally:
+            await events.aclose()
+
+
+async def _until_disconnected(work: Any, request: Request) -> bool:
+    """Run `work` to completion (True), unless the client disconnects first: then cancel it, aborting its jobs."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                task.result()  # re-raises an OpenAIError for the handler
+                return True
+            if await request.is_disconnected():
+                return False
+    finally:
+        task.cancel()

@@ -1,0 +1,90 @@
+"""A real `dgserve serve` process on loopback with the tiny checkpoint, and clients for it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+API_KEY = "test-key-123"
+
+
+@dataclass
+class LiveServer:
+    url: str
+    process: subprocess.Popen
+    log: Path
+    api_key: str | None
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=self.api_key or "EMPTY", max_retries=0, **kwargs)
+
+    def http(self) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def logs(self) -> str:
+        return self.log.read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint: Path, log: Path, *args: str, api_key: str | None = None) -> LiveServer:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if api_key:
+        env["DGSERVE_API_KEY"] = api_key
+    command = [sys.executable, "-m", "server", "serve", "--model", str(checkpoint), "--port", str(port),
+               "--served-model-name", "tiny", "--kv-budget-bytes", str(256 * 2**20), *args]  # fmt: skip
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    server = LiveServer(f"http://127.0.0.1:{port}", process, log, api_key)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.logs()}")
+        try:
+            if httpx.get(f"{server.url}/ready", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"server not ready in time:\n{server.logs()}")
+
+
+def stop_server(server: LiveServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The shared server: no API key, the tiny checkpoint."""
+    live = start_server(tiny_checkpoint, tmp_path_factory.mktemp("server") / "server.log")
+    yield live
+    stop_server(live)
+
+
+@pytest.fixture(scope="session")
+def client(server: LiveServer) -> openai.OpenAI:
+    return server.client()
