@@ -18,7 +18,7 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + max_tokens limit; None: the checkpoint's max_position_embeddings
     kv_budget_bytes: int | None = None  # KV memory for all sequences; None: kv_budget_fraction of free memory
     kv_budget_fraction: float = 0.5
-    max_waiting: int = 256  # queued requests beyond this are refused (the server's 429/503)
+    max_waiting: int = 256  # requests queued beyond the free slots; more are refused (the server's 429)
     vocab_chunk: int = 8192  # sampler workspace: one row's [canvas, vocab_chunk] fp32 logits at a time
     reference_mode: bool = False  # reproduce transformers' generate() draw for draw: one sequence, global RNG
 

@@ -66,7 +66,8 @@ class Engine:
             self._pending.append(Finished(request_id, FinishReason.ABORT, usage))
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        """True while a step has work: sequences to run, or events (aborts) to deliver."""
+        return bool(self.scheduler.waiting or self.scheduler.running or self._pending)
 
     def step(self) -> tuple[list[EngineEvent], StepStats]:
         """Admit, encode prompts and finished canvases, run one denoising step for every running sequence."""

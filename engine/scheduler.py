@@ -42,7 +42,8 @@ class Scheduler:
                 f"request needs {seq.kv_bytes / 2**20:.1f} MiB of KV cache for {seq.kv_capacity} tokens, more than "
                 f"the whole budget of {self.budget.total_bytes / 2**20:.1f} MiB; shorten the prompt or max_tokens"
             )
-        if len(self.waiting) >= self.max_waiting:
+        free_slots = max(0, self.max_num_seqs - len(self.running))  # these admit at the next iteration
+        if len(self.waiting) >= self.max_waiting + free_slots:
             raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
         self.waiting.append(seq)
 

@@ -28,7 +28,10 @@ async def collect(engine: AsyncEngine, request_id: str, ids: list[int], params: 
 
 
 def test_concurrent_streams_match_the_synchronous_engine(async_engine, engine):
-    requests = {f"r{i}": (prompt(8 + 9 * i, i), SamplingParams(max_tokens=40 + 20 * i, seed=i)) for i in range(3)}
+    requests = {
+        f"r{i}": (prompt(8 + 9 * i, i), SamplingParams(max_tokens=40 + 20 * i, seed=i, stop_token_ids=()))
+        for i in range(3)
+    }
 
     async def main():
         return await asyncio.gather(*(collect(async_engine, rid, *args) for rid, args in requests.items()))
@@ -78,7 +81,7 @@ def test_a_failed_forward_fails_the_requests_in_flight_and_later_ones_succeed(as
 
     async def main():
         first = await collect(async_engine, "hit", prompt(6, 3), SamplingParams(max_tokens=64))
-        second = await collect(async_engine, "after", prompt(6, 4), SamplingParams(max_tokens=32))
+        second = await collect(async_engine, "after", prompt(6, 4), SamplingParams(max_tokens=32, stop_token_ids=()))
         return first, second
 
     first, second = asyncio.run(main())
@@ -89,7 +92,9 @@ def test_a_failed_forward_fails_the_requests_in_flight_and_later_ones_succeed(as
 
 def test_shutdown_fails_what_is_in_flight_and_marks_the_engine_dead(async_engine):
     async def main():
-        stream = await async_engine.add_request("long", prompt(6, 5), SamplingParams(max_tokens=2000))
+        stream = await async_engine.add_request(
+            "long", prompt(6, 5), SamplingParams(max_tokens=2000, stop_token_ids=())
+        )
         await asyncio.sleep(0.2)
         await asyncio.get_running_loop().run_in_executor(None, async_engine.shutdown, 10)
         return [event async for event in stream]

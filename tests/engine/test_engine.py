@@ -109,7 +109,7 @@ def test_seeded_request_gives_the_same_tokens_alone_or_in_a_batch(engine):
 
 
 def test_temperature_zero_is_deterministic(engine):
-    params = SamplingParams(max_tokens=40, max_denoising_steps=4, temperature=0)
+    params = SamplingParams(max_tokens=40, max_denoising_steps=4, temperature=0, stop_token_ids=())
     first, second = (output_tokens(run_one(engine, prompt(9, 3), params)) for _ in range(2))
     assert first == second and len(first) == 40
 
@@ -155,14 +155,14 @@ def test_abort_frees_the_slot_and_memory_before_the_next_iteration(engine):
 
 def test_admission_waits_for_memory_and_refuses_what_can_never_fit(tiny_checkpoint):
     # One tiny sequence of 10 + 2 x 32 slots needs 45,568 bytes (spec 4.3 layout at fp32): the budget holds one.
-    small = Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=60_000, max_waiting=2))
+    small = Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=60_000, max_num_seqs=2, max_waiting=0))
     params = SamplingParams(max_tokens=64, max_denoising_steps=2)
     small.add_request("first", prompt(10, 1), params)
     small.add_request("second", prompt(10, 2), params)
     with pytest.raises(QueueFullError):
         small.add_request("third", prompt(10, 3), params)
     _, stats = small.step()
-    assert stats.num_running == 1 and stats.num_waiting == 1  # the budget holds one sequence
+    assert stats.num_running == 1 and stats.num_waiting == 1  # two slots, but the budget holds one sequence
     with pytest.raises(ValueError, match="more than the whole budget"):
         small.add_request("huge", prompt(10, 4), SamplingParams(max_tokens=3000))
     while small.has_unfinished():

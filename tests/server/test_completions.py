@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -111,3 +112,33 @@ def test_vllm_extensions_are_accepted(client, server):
                                                 "diffusion": {"steps": 1}})  # fmt: skip
     assert out.usage.completion_tokens == 4
     assert "ignoring request fields outside the OpenAI schema: min_tokens, repetition_penalty" in server.logs()
+
+
+def test_drafts_stream_only_when_asked(client, server):
+    body = {"model": "tiny", "prompt": "draft", "max_tokens": 32, "stream": True,
+            "diffusion": {"steps": 3, "stream_drafts": True}}  # fmt: skip
+    with server.http() as http, http.stream("POST", "/v1/completions", json=body) as response:
+        lines = [line for line in response.iter_lines() if line]
+    drafts = [json.loads(lines[i + 1].removeprefix("data: ")) for i, line in enumerate(lines) if line == "event: draft"]
+    assert [d["step"] for d in drafts] == [1, 2, 3] and all(isinstance(d["text"], str) for d in drafts)
+    plain = list(client.completions.create(model="tiny", prompt="draft", max_tokens=32, stream=True,
+                                           extra_body={"diffusion": {"steps": 3}}))  # fmt: skip
+    assert all(c.object == "text_completion" for c in plain)
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    body = {"model": "tiny", "prompt": "long", "max_tokens": 3000, "stream": True, "ignore_eos": True,
+            "diffusion": {"steps": 48}}  # fmt: skip
+    with server.http() as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    break  # the first block arrived; hang up
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            metrics = http.get("/metrics").text
+            if "dgserve_num_requests_running 0.0" in metrics and "dgserve_kv_cache_used_bytes 0.0" in metrics:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the aborted request still holds its slot")

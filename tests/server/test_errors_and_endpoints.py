@@ -125,3 +125,22 @@ def test_api_key_protects_everything_but_health_ready_metrics(tiny_checkpoint, t
     finally:
         stop_server(server)
     assert API_KEY not in log.read_text()
+
+
+def test_a_full_queue_is_429_with_retry_after_before_any_200(tiny_checkpoint, tmp_path):
+    server = start_server(tiny_checkpoint, tmp_path / "busy.log", "--max-num-seqs", "1", "--max-waiting", "0")
+    try:
+        long = {"model": "tiny", "prompt": "x", "max_tokens": 4000 - 8, "ignore_eos": True, "stream": True}
+        with server.http() as http, http.stream("POST", "/v1/completions", json=long) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()  # kept referenced: a collected iterator would close the connection
+            while not next(lines).startswith("data: "):  # the first block: it is running
+                pass
+            for stream in (False, True):
+                busy = http.post("/v1/completions", json={"model": "tiny", "prompt": "y", "stream": stream})
+                assert_openai_error(busy, 429, "server_busy")
+                assert busy.headers["retry-after"] == "1"
+            with pytest.raises(openai.RateLimitError):
+                server.client().completions.create(model="tiny", prompt="z", max_tokens=2)
+    finally:
+        stop_server(server)
