@@ -102,8 +102,7 @@ class ModelRunner:
             for s in seqs
         ]
         if self.reference:
-            result, _ = reference_step(self.model, hidden, canvas, temps[0], seqs[0].params.entropy_bound)
-            return result
+            return reference_step(self.model, hidden, canvas, temps[0], seqs[0].params.entropy_bound)
         return fast_step(
             self.model,
             hidden,

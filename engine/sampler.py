@@ -135,10 +135,10 @@ def reference_step(
     canvas: torch.Tensor,  # [1, C]
     temperature: torch.Tensor,  # fp32 scalar
     entropy_bound: float,
-) -> tuple[StepResult, torch.Tensor]:
+) -> StepResult:
     """generate()'s step with the global generator: multinomial over [C, V], then a renoise randint (spec 6.3).
 
-    Also returns the temperature-scaled logits [1, C, V] that the reference feeds back as SC input.
+    The temperature-scaled logits, cast to the model dtype, are the next step's SC input (spec P3).
     """
     zt = model.logits(hidden) / temperature  # [1, C, V] fp32, materialised as the reference does
     vocab = zt.shape[-1]
@@ -151,7 +151,7 @@ def reference_step(
     noise = torch.randint(0, vocab, canvas.shape, device=canvas.device)
     next_canvas = torch.where(~accept, noise, accepted)
     sc_logits = zt.to(model.embed_tokens.weight.dtype)
-    return StepResult(next_canvas, argmax, entropy.mean(-1), model.sc_embedding(sc_logits)), zt
+    return StepResult(next_canvas, argmax, entropy.mean(-1), model.sc_embedding(sc_logits))
 
 
 def initial_canvas(length: int, vocab: int, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
