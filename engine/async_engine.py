@@ -80,6 +80,11 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(request_id)
 
+    @property
+    def num_in_flight(self) -> int:
+        """Requests submitted and not yet finished (read from any thread)."""
+        return len(self._streams)
+
     def check_health(self) -> None:
         if self._error is not None or (self._thread.ident is not None and not self._thread.is_alive()):
             raise EngineDeadError("the engine thread has stopped") from self._error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,9 @@ class EngineConfig:
     max_waiting: int = 256  # requests queued beyond the free slots; more are refused (the server's 429)
     vocab_chunk: int = 8192  # sampler workspace: one row's [canvas, vocab_chunk] fp32 logits at a time
     reference_mode: bool = False  # reproduce transformers' generate() draw for draw: one sequence, global RNG
+    # Test-only fault injection: "oom@N" makes the N-th decoder forward raise an out-of-memory error (recoverable),
+    # "fatal@N" an error that stops the engine thread. Off (None) unless a test sets DGSERVE_TEST_FAULT.
+    fault_injection: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -31,6 +35,8 @@ class EngineConfig:
             raise ValueError(f"kv_budget_fraction must be in (0, 1], got {self.kv_budget_fraction}")
         if self.vocab_chunk < 1 or self.max_waiting < 0:
             raise ValueError("vocab_chunk must be >= 1 and max_waiting >= 0")
+        if self.fault_injection is not None and not re.fullmatch(r"(oom|fatal)@\d+", self.fault_injection):
+            raise ValueError(f"fault_injection must be oom@N or fatal@N, got {self.fault_injection!r}")
         if self.dtype not in (None, "bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
 

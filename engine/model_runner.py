@@ -26,6 +26,11 @@ class ModelRunner:
         self.model, self.config, self.engine_config = model, config, engine_config
         self.device, self.dtype = engine_config.torch_device, engine_config.torch_dtype
         self.reference = engine_config.reference_mode
+        self.num_forwards = 0
+        self.fault = None
+        if engine_config.fault_injection:
+            kind, _, at = engine_config.fault_injection.partition("@")
+            self.fault = (kind, int(at))
 
     def kv_bytes(self, seq: Sequence) -> int:
         return SequenceKV.num_bytes(self.config, seq.kv_capacity, self.dtype)
@@ -80,6 +85,11 @@ class ModelRunner:
         """One denoising step for each sequence: returns argmax canvases, stop flags, forward and sampler seconds."""
         c = self.config.canvas_length
         t0 = time.perf_counter()
+        self.num_forwards += 1
+        if self.fault is not None and self.fault[1] == self.num_forwards:
+            if self.fault[0] == "oom":
+                raise torch.OutOfMemoryError("injected out-of-memory fault")
+            raise SystemError("injected fatal fault")
         canvas = torch.stack([s.canvas for s in seqs])
         positions = torch.stack([torch.arange(s.kv.length, s.kv.length + c, device=self.device) for s in seqs])
         soft = None

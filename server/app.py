@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine, EngineDeadError
 from server.errors import OpenAIError, error_body, install_error_handlers
+from server.lifecycle import ServerState
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.serving import Serving
@@ -33,12 +35,26 @@ KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     model_name: str
     api_key: str | None = None
     max_body_bytes: int = 8 * 2**20
     default_max_tokens: int = 4096  # chat requests without max_tokens, clamped to the context left
+    # Host header names accepted; None = any. Bound to loopback, only local names: a page a browser loaded from
+    # elsewhere cannot reach the server through DNS rebinding.
+    allowed_hosts: frozenset[str] | None = None
+    cors_origins: tuple[str, ...] = ()  # CORS stays off unless origins are configured
+
+
+def host_name(host_header: str) -> str:
+    """The name part of a Host header: 'localhost:8000' -> 'localhost', '[::1]:8000' -> '::1'."""
+    if host_header.startswith("["):
+        return host_header[1:].partition("]")[0]
+    return host_header.rpartition(":")[0] if host_header.count(":") == 1 else host_header
 
 
 class _BodyTooLarge(Exception):
@@ -77,7 +93,12 @@ class RequestGuard:
             await send_with_id({"type": "http.response.body", "body": body})
 
         try:
-            if self._key is not None and path not in OPEN_PATHS and not self._authorized(headers):
+            allowed = self.config.allowed_hosts
+            if allowed is not None and host_name(headers.get("host", "")).lower() not in allowed:
+                return await reply(OpenAIError(403, "this server only answers requests for a local host name",
+                                               "forbidden_host"))  # fmt: skip
+            preflight = scope["method"] == "OPTIONS"  # CORS preflights carry no credentials and serve no data
+            if self._key is not None and path not in OPEN_PATHS and not preflight and not self._authorized(headers):
                 return await reply(OpenAIError(401, "Incorrect API key provided.", "invalid_api_key"))
             if int(headers.get("content-length") or 0) > self.config.max_body_bytes:
                 return await reply(self._too_large())
@@ -124,23 +145,27 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(max_length=1_000_000)
 
 
-def create_app(engine: AsyncEngine, tokenizer: Tokenizer, metrics: Metrics, config: ServerConfig) -> FastAPI:
+def create_app(
+    engine: AsyncEngine, tokenizer: Tokenizer, metrics: Metrics, config: ServerConfig, state: ServerState
+) -> FastAPI:
     serving = Serving(
         engine, tokenizer, metrics, config.model_name, engine.engine.max_model_len, config.default_max_tokens
     )
-    state = {"ready": False}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         engine.start()
-        state["ready"] = True
+        state.started = True
         logger.info("ready to serve %s", config.model_name)
         yield
-        state["ready"] = False
-        engine.shutdown(timeout=30)
+        state.started = False
+        engine.shutdown(timeout=10)
 
     app = FastAPI(title="dgserve", version=VERSION, lifespan=lifespan)
     install_error_handlers(app)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"])  # fmt: skip
 
     def model_card() -> dict[str, Any]:
         return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "dgserve",
@@ -167,8 +192,9 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, metrics: Metrics, conf
         return await run(job, request)
 
     async def run(job, request: Request) -> Response:
-        if not state["ready"]:
-            raise OpenAIError(503, "the server is not ready", "not_ready", retry_after=5)
+        if not state.ready:
+            message = "the server is shutting down" if state.draining else "the server is not ready"
+            raise OpenAIError(503, message, "not_ready", retry_after=5)
         streams = await serving.admit(job)  # before any 200: overload is a real status code
         return serving.stream(job, streams) if job.body.stream else await serving.collect(job, streams, request)
 
@@ -185,8 +211,8 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, metrics: Metrics, conf
         try:
             engine.check_health()
         except EngineDeadError:
-            state["ready"] = False
-        if not state["ready"]:
+            return JSONResponse(error_body(503, "the engine is not running", "engine_dead"), status_code=503)
+        if not state.ready:
             return JSONResponse(error_body(503, "not ready", "not_ready"), status_code=503)
         return JSONResponse({"status": "ready"})
 

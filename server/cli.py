@@ -130,7 +130,8 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from engine.async_engine import AsyncEngine
-    from server.app import ServerConfig, create_app
+    from server.app import LOCAL_HOSTS, ServerConfig, create_app
+    from server.lifecycle import DrainingServer, ServerState
     from server.metrics import Metrics
     from server.text import Tokenizer
 
@@ -149,6 +150,7 @@ def _serve(args: argparse.Namespace) -> None:
             kv_budget_bytes=args.kv_budget_bytes,
             kv_budget_fraction=args.kv_budget_fraction,
             max_waiting=args.max_waiting,
+            fault_injection=os.environ.get("DGSERVE_TEST_FAULT"),
         ),
         on_step=metrics.on_step,
     )
@@ -159,7 +161,11 @@ def _serve(args: argparse.Namespace) -> None:
         "model %s from %s; KV budget %.1f GiB: %d sequences of 1K prompt + 1K output fit at once (max_num_seqs %d)",
         name, checkpoint, budget / 2**30, budget // typical, args.max_num_seqs,
     )  # fmt: skip
-    app = create_app(engine, Tokenizer(checkpoint), metrics, ServerConfig(name, api_key=args.api_key))
+    local = args.host in LOCAL_HOSTS
+    allowed = frozenset({*LOCAL_HOSTS, *args.allowed_hosts}) if local and "*" not in args.allowed_hosts else None
+    config = ServerConfig(name, api_key=args.api_key, allowed_hosts=allowed, cors_origins=tuple(args.cors_origins))
+    state = ServerState()
+    app = create_app(engine, Tokenizer(checkpoint), metrics, config, state)
     url = f"http://{args.host}:{args.port}"
     auth = " -H 'Authorization: Bearer $DGSERVE_API_KEY'" if args.api_key else ""
     logger.info(
@@ -167,7 +173,8 @@ def _serve(args: argparse.Namespace) -> None:
         "-d '{\"model\": \"%s\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'",
         url, url, auth, name,
     )  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.drain_timeout)
+    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    DrainingServer(uvicorn_config, state, engine, args.drain_timeout).run()
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -188,7 +195,28 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-waiting", type=int, default=int(_env("MAX_WAITING", "256")))
     serve.add_argument("--kv-budget-bytes", type=int, default=_int_or_none(_env("KV_BUDGET_BYTES")))
     serve.add_argument("--kv-budget-fraction", type=float, default=float(_env("KV_BUDGET_FRACTION", "0.5")))
-    serve.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", "30")))
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=float(_env("DRAIN_TIMEOUT", "30")),
+        help="on SIGTERM, seconds in-flight requests get to finish before they are failed",
+    )
+    serve.add_argument(
+        "--allowed-hosts",
+        type=_names,
+        default=_names(_env("ALLOWED_HOSTS", "")),
+        help="extra Host names accepted when bound to loopback (comma-separated; '*' = any)",
+    )
+    serve.add_argument(
+        "--cors-origins",
+        type=_names,
+        default=_names(_env("CORS_ORIGINS", "")),
+        help="origins allowed by CORS (comma-separated); CORS is off without them",
+    )
+
+
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _int_or_none(value: str | None) -> int | None:

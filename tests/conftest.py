@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 import torch
+
+from tests.server.conftest import LiveServer, start_server, stop_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -40,3 +44,16 @@ def reference_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoi
     out = tmp_path_factory.mktemp("reference")
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The shared server: no API key, the tiny checkpoint."""
+    live = start_server(tiny_checkpoint, tmp_path_factory.mktemp("server") / "server.log")
+    yield live
+    stop_server(live)
+
+
+@pytest.fixture(scope="session")
+def client(server: LiveServer) -> openai.OpenAI:
+    return server.client()

@@ -1,4 +1,4 @@
-"""A real `dgserve serve` process on loopback with the tiny checkpoint, and clients for it."""
+"""Starting and stopping real `dgserve serve` processes on loopback (the fixtures are in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
-import pytest
 
 API_KEY = "test-key-123"
 
@@ -46,9 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: Path, log: Path, *args: str, api_key: str | None = None) -> LiveServer:
+def start_server(
+    checkpoint: Path, log: Path, *args: str, api_key: str | None = None, env: dict[str, str] | None = None
+) -> LiveServer:
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if api_key:
         env["DGSERVE_API_KEY"] = api_key
     command = [sys.executable, "-m", "server", "serve", "--model", str(checkpoint), "--port", str(port),
@@ -75,16 +75,3 @@ def stop_server(server: LiveServer) -> None:
         server.process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         server.process.kill()
-
-
-@pytest.fixture(scope="session")
-def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """The shared server: no API key, the tiny checkpoint."""
-    live = start_server(tiny_checkpoint, tmp_path_factory.mktemp("server") / "server.log")
-    yield live
-    stop_server(live)
-
-
-@pytest.fixture(scope="session")
-def client(server: LiveServer) -> openai.OpenAI:
-    return server.client()
