@@ -3,6 +3,7 @@ request metrics) and the health, readiness, metrics and tokenizer endpoints."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -16,13 +17,14 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine, EngineDeadError
 from server.errors import OpenAIError, error_body, install_error_handlers
 from server.lifecycle import ServerState
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, Int, OpenAIModel
 from server.serving import Serving
 from server.text import Tokenizer
 
@@ -35,6 +37,7 @@ KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+MAX_HEADERS = 256  # uvicorn bounds header bytes, not their count
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -57,8 +60,11 @@ def host_name(host_header: str) -> str:
     return host_header.rpartition(":")[0] if host_header.count(":") == 1 else host_header
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """An HTTPException, so FastAPI's body parsing re-raises it instead of turning it into a 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes")
 
 
 class RequestGuard:
@@ -93,6 +99,8 @@ class RequestGuard:
             await send_with_id({"type": "http.response.body", "body": body})
 
         try:
+            if len(scope["headers"]) > MAX_HEADERS:
+                return await reply(OpenAIError(431, f"more than {MAX_HEADERS} headers", "too_many_headers"))
             allowed = self.config.allowed_hosts
             if allowed is not None and host_name(headers.get("host", "")).lower() not in allowed:
                 return await reply(OpenAIError(403, "this server only answers requests for a local host name",
@@ -125,13 +133,13 @@ class RequestGuard:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.config.max_body_bytes:
-                raise _BodyTooLarge
+                raise _BodyTooLarge(self.config.max_body_bytes)
             return message
 
         return wrapped
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(OpenAIModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     prompt: str | None = None
@@ -142,7 +150,7 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    tokens: list[int] = Field(max_length=1_000_000)
+    tokens: list[Int] = Field(max_length=1_000_000)
 
 
 def create_app(
@@ -183,12 +191,13 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        job = serving.completion_job(body, f"cmpl-{request.state.request_id}")
+        # Tokenizing a long prompt takes a while: off the event loop, so health checks and streams keep flowing.
+        job = await asyncio.to_thread(serving.completion_job, body, f"cmpl-{request.state.request_id}")
         return await run(job, request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        job = serving.chat_job(body, f"chatcmpl-{request.state.request_id}")
+        job = await asyncio.to_thread(serving.chat_job, body, f"chatcmpl-{request.state.request_id}")
         return await run(job, request)
 
     async def run(job, request: Request) -> Response:

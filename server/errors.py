@@ -31,8 +31,14 @@ class OpenAIError(Exception):
 
 
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param,
-                      "code": code}}  # fmt: skip
+    return {"error": {"message": _text(message), "type": _TYPES.get(status, "invalid_request_error"),
+                      "param": None if param is None else _text(param), "code": code}}  # fmt: skip
+
+
+def _text(value: str) -> str:
+    """Echoed request data may hold lone surrogates (JSON "\\ud800"), which UTF-8 cannot encode: a body that fails
+    to render would turn a 4xx into a 500 or a reset connection."""
+    return value.encode("utf-8", "replace").decode("utf-8")
 
 
 def error_response(error: OpenAIError) -> JSONResponse:
@@ -51,6 +57,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
+    # Our validators raise protocol.InvalidParameter, which names the parameter and carries the whole message.
+    if (error := (first.get("ctx") or {}).get("error")) is not None and getattr(error, "param", None):
+        return str(error), error.param
     # Union members add their type names to the location ("prompt.list[int].0"); keep the field path only.
     parts = [str(p) for p in first.get("loc", ())[1:] if not (isinstance(p, str) and _is_type_name(p))]
     param = ".".join(parts) or None
@@ -76,7 +85,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "content_too_large"}.get(
+            exc.status_code, "invalid_request"
+        )
         return error_response(OpenAIError(exc.status_code, str(exc.detail), code))
 
     @app.exception_handler(Exception)

@@ -7,27 +7,86 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
+from pydantic_core import PydanticCustomError
 
 # Caps that real clients pass (evaluation harnesses send 5-6 stop strings and lists of prompts) while bounding work.
 MAX_N = 16
 MAX_STOP_STRINGS = 32
 MAX_STOP_LENGTH = 512
 MAX_PROMPTS = 256
+MAX_CHOICES = 256  # prompts x n: every choice is an engine sequence, admitted at once
 MAX_MESSAGES = 2048
 INT64_MAX = 2**63 - 1
 
 
-class UnsupportedParameter(ValueError):
-    """A known OpenAI parameter whose meaning we cannot honour; becomes a 400 naming `param`."""
+def _json_number(value: Any) -> Any:
+    """Numbers must be JSON numbers, as OpenAI requires: pydantic would otherwise take "5" for 5 and true for 1."""
+    if isinstance(value, (bool, str)):
+        raise PydanticCustomError("number_type", "Input should be a number, not {kind}", {"kind": type(value).__name__})
+    return value
+
+
+def _json_numbers(values: Any) -> Any:
+    """`_json_number` for a whole list of token ids at once (a Python call per id would be slow for long prompts)."""
+    if isinstance(values, list) and any(isinstance(v, (bool, str)) for v in values):
+        raise PydanticCustomError("number_type", "token ids should be numbers")
+    return values
+
+
+# Integral floats such as 8.0 stay accepted: JSON Schema, and so our declared schema, counts them as integers.
+Int = Annotated[int, BeforeValidator(_json_number)]
+Float = Annotated[float, BeforeValidator(_json_number)]
+
+
+class InvalidParameter(ValueError):
+    """Raised in a validator: becomes a 400 naming `param` (errors.py reads it from the validation error)."""
 
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
 
 
+class UnsupportedParameter(InvalidParameter):
+    """A known OpenAI parameter whose meaning we cannot honour; becomes a 400 naming `param`."""
+
+
+def _lone_surrogate_path(data: Any) -> str | None:
+    """The path ("messages.0.content") of the first string or key holding a lone surrogate, a JSON escape such
+    as "\\ud800" that is no text: tokenizers raise on it and responses cannot encode it. Iterative: bodies nest."""
+    todo: list[tuple[tuple[Any, ...], Any]] = [((), data)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, str):
+            if not _encodable(value):
+                return ".".join(map(str, path)) or "body"
+            continue
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            if isinstance(key, str) and not _encodable(key):
+                return ".".join(map(str, path)) or "body"
+            if isinstance(item, (str, dict, list)):
+                todo.append(((*path, key), item))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_lone_surrogates(cls, data: Any) -> Any:
+        if (path := _lone_surrogate_path(data)) is not None:
+            raise InvalidParameter(path, f"{path}: the string contains a lone surrogate, which is not valid text")
+        return data
 
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
@@ -38,12 +97,12 @@ class DiffusionOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: Annotated[int, Field(ge=1, le=1024)] | None = None
-    entropy_bound: Annotated[float, Field(gt=0, le=1e4)] | None = None
-    t_max: Annotated[float, Field(gt=0, le=100)] | None = None
-    t_min: Annotated[float, Field(gt=0, le=100)] | None = None
-    stability_threshold: Annotated[int, Field(ge=0, le=1024)] | None = None
-    confidence_threshold: Annotated[float, Field(gt=0, le=1e4)] | None = None
+    steps: Annotated[Int, Field(ge=1, le=1024)] | None = None
+    entropy_bound: Annotated[Float, Field(gt=0, le=1e4)] | None = None
+    t_max: Annotated[Float, Field(gt=0, le=100)] | None = None
+    t_min: Annotated[Float, Field(gt=0, le=100)] | None = None
+    stability_threshold: Annotated[Int, Field(ge=0, le=1024)] | None = None
+    confidence_threshold: Annotated[Float, Field(gt=0, le=1e4)] | None = None
     stream_drafts: StrictBool = False
 
 
@@ -66,16 +125,16 @@ class SamplingFields(OpenAIModel):
     """Fields shared by both endpoints."""
 
     model: str | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    seed: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
+    n: Annotated[Int, Field(ge=1, le=MAX_N)] = 1
+    temperature: Annotated[Float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Float, Field(ge=0, le=1)] | None = None
+    seed: Annotated[Int, Field(ge=0, le=INT64_MAX)] | None = None
     stop: StopField | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, Float] | None = None
     user: str | None = None
     ignore_eos: StrictBool = False  # vLLM extension that benchmark clients send
     diffusion: DiffusionOptions | None = None
@@ -83,7 +142,7 @@ class SamplingFields(OpenAIModel):
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise InvalidParameter("stream_options", "stream_options is only allowed when stream is true")
         return self
 
     def refuse_unsupported(self) -> None:
@@ -108,7 +167,7 @@ class SamplingFields(OpenAIModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), BeforeValidator(_json_numbers)]
 
 
 class CompletionRequest(SamplingFields):
@@ -118,11 +177,18 @@ class CompletionRequest(SamplingFields):
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[Int, Field(ge=1)] | None = 16
     suffix: str | None = None
     echo: StrictBool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: Int | None = None
+    best_of: Int | None = None
+
+    @model_validator(mode="after")
+    def _bounded_choices(self) -> CompletionRequest:
+        if (total := len(self.prompts) * self.n) > MAX_CHOICES:
+            message = f"{len(self.prompts)} prompts x n={self.n} is {total} choices; at most {MAX_CHOICES} per request"
+            raise InvalidParameter("n", message)
+        return self
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -159,7 +225,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(min_length=1)] | None = None  # the spec's minItems 1
 
 
 class ChatTemplateKwargs(BaseModel):
@@ -170,10 +236,10 @@ class ChatTemplateKwargs(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[Int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None

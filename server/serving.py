@@ -98,7 +98,7 @@ class Serving:
     ) -> list[Choice]:
         choices = []
         for p, ids in enumerate(prompts):
-            budget = max_tokens or min(self.default_max_tokens, self.max_model_len - len(ids))
+            budget = max_tokens or max(1, min(self.default_max_tokens, self.max_model_len - len(ids)))
             if len(ids) + budget > self.max_model_len:
                 raise OpenAIError(
                     400,
@@ -135,6 +135,10 @@ class Serving:
         self._check_common(body)
         prompts = []
         for prompt in body.prompts:
+            # No token spans more than max_token_chars characters (x2 for normalisation): longer text cannot fit.
+            if isinstance(prompt, str) and len(prompt) > 2 * self.max_model_len * self.tokenizer.max_token_chars:
+                raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
+                                  "prompt is longer", "context_length_exceeded", "prompt")  # fmt: skip
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             if not ids:
                 raise OpenAIError(400, "the prompt encodes to no tokens", "invalid_prompt", "prompt")

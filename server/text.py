@@ -24,6 +24,8 @@ class Tokenizer:
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         self.name_or_path: str = self._tokenizer.name_or_path
         self.vocab_size: int = len(self._tokenizer)
+        # No token covers more characters: a text longer than max_model_len * this cannot fit (a bound, not a count).
+        self.max_token_chars: int = max(len(t) for t in self._tokenizer.get_vocab())
         # What skip_special_tokens=True drops (<eos>, <turn|>, <|channel>, <|"|>, ...), as text.
         self.special_tokens: frozenset[str] = frozenset(
             token.content for token in self._tokenizer.added_tokens_decoder.values() if token.special
