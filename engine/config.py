@@ -20,7 +20,7 @@ class EngineConfig:
     kv_budget_bytes: int | None = None  # KV memory for all sequences; None: kv_budget_fraction of free memory
     kv_budget_fraction: float = 0.5
     max_waiting: int = 256  # requests queued beyond the free slots; more are refused (the server's 429)
-    vocab_chunk: int = 8192  # sampler workspace: one row's [canvas, vocab_chunk] fp32 logits at a time
+    vocab_chunk: int | None = None  # sampler workspace per row: [canvas, vocab_chunk] fp32; None: 2048 CPU, 8192 CUDA
     reference_mode: bool = False  # reproduce transformers' generate() draw for draw: one sequence, global RNG
     # Test-only fault injection: "oom@N" makes the N-th decoder forward raise an out-of-memory error (recoverable),
     # "fatal@N" an error that stops the engine thread. Off (None) unless a test sets DGSERVE_TEST_FAULT.
@@ -33,7 +33,7 @@ class EngineConfig:
             raise ValueError("reference_mode runs one sequence at a time: set max_num_seqs=1")
         if not 0 < self.kv_budget_fraction <= 1:
             raise ValueError(f"kv_budget_fraction must be in (0, 1], got {self.kv_budget_fraction}")
-        if self.vocab_chunk < 1 or self.max_waiting < 0:
+        if (self.vocab_chunk is not None and self.vocab_chunk < 1) or self.max_waiting < 0:
             raise ValueError("vocab_chunk must be >= 1 and max_waiting >= 0")
         if self.fault_injection is not None and not re.fullmatch(r"(oom|fatal)@\d+", self.fault_injection):
             raise ValueError(f"fault_injection must be oom@N or fatal@N, got {self.fault_injection!r}")
@@ -43,6 +43,11 @@ class EngineConfig:
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def sampler_chunk(self) -> int:
+        """Vocabulary chunk of the streaming sampler: cache-sized on CPU, launch-amortising on GPUs (measured)."""
+        return self.vocab_chunk or (8192 if self.torch_device.type == "cuda" else 2048)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -121,7 +121,7 @@ class ModelRunner:
             [s.params.temperature for s in seqs],
             torch.tensor([s.params.entropy_bound for s in seqs]),
             [s.generator for s in seqs],
-            self.engine_config.vocab_chunk,
+            self.engine_config.sampler_chunk,
         )
 
     def _update_canvases(self, seqs: list[Sequence], result: StepResult) -> list[bool]:

@@ -2,7 +2,8 @@
 
 `fast_step` streams over vocabulary chunks and never holds a [rows, C, V] tensor: softcap, temperature, argmax,
 entropy and the self-conditioning soft embedding come out of one online-softmax pass. Workspace per row is about
-four [C, vocab_chunk] fp32 tensors (32 MiB at C = 256, chunk 8192) plus [C, H] accumulators, whatever V is.
+three [C, vocab_chunk] fp32 tensors (6 MiB at C = 256 and the CPU chunk of 2048; 24 MiB at 8192) plus [C, H]
+accumulators, whatever V is.
 Proposals are drawn hierarchically (a vocabulary chunk by its mass, then a token inside it), which is an exact draw
 from softmax at one uniform per position plus one small multinomial, instead of V Exp(1) draws per position.
 Every draw comes from the row's own generator, so a seeded request samples the same tokens in any batch.
@@ -42,6 +43,7 @@ def accept_mask(entropy: torch.Tensor, entropy_bound: torch.Tensor) -> torch.Ten
     return torch.scatter(torch.zeros_like(selected), -1, order, selected)
 
 
+@torch.inference_mode()
 def fast_step(
     model: DiffusionGemma,
     hidden: torch.Tensor,  # [R, C, H] final-normed decoder output
@@ -63,7 +65,7 @@ def fast_step(
     soft = torch.zeros(rows, length, hidden.shape[-1], device=hidden.device)  # sum of exp(zt - max) * E[v]
     chunk_mass = []  # [R, C] log-mass of each chunk under the proposal distribution
     for start in range(0, vocab, vocab_chunk):
-        zt = model.logits(hidden, start, start + vocab_chunk) / t  # [R, C, Vc] fp32
+        zt = model.logits(hidden, start, start + vocab_chunk).div_(t)  # [R, C, Vc] fp32, in place: no new pages
         chunk_best, chunk_id = zt.max(dim=-1)
         better = chunk_best > best  # strict: ties keep the earlier chunk, as argmax keeps the first index
         best, best_id = torch.where(better, chunk_best, best), torch.where(better, chunk_id + start, best_id)
@@ -81,15 +83,17 @@ def fast_step(
     accept = accept_mask(entropy, entropy_bound.to(hidden.device))
     chunk_mass = torch.stack(chunk_mass, dim=-1)  # [R, C, num_chunks]
 
+    # Acceptance depends on the entropies alone, so only accepted positions need a proposal; the rest is renoised.
     next_canvas = torch.empty_like(canvas)
     for r, gen in enumerate(generators):
-        factor = proposal_factor[r]
-        if factor == 0:
-            proposal = best_id[r]
+        accepted = accept[r].nonzero().squeeze(-1)
+        if proposal_factor[r] == 0:
+            proposal = best_id[r, accepted]
         else:
-            proposal = _draw(model, hidden[r], chunk_mass[r], temperature[r] * factor, gen, vocab_chunk)
+            temperature_r = temperature[r] * proposal_factor[r]
+            proposal = _draw(model, hidden[r, accepted], chunk_mass[r, accepted], temperature_r, gen, vocab_chunk)
         noise = torch.randint(0, vocab, (length,), generator=gen, device=gen.device).to(canvas.device)
-        next_canvas[r] = torch.where(accept[r], proposal, noise)
+        next_canvas[r] = noise.index_put_((accepted,), proposal)
     soft_embeds = (soft / sum_exp[..., None]).to(weight.dtype) * model.embed_scale.to(weight.dtype)
     return StepResult(next_canvas, best_id, entropy.mean(-1), soft_embeds)
 
@@ -107,8 +111,8 @@ def _proposal_chunk_mass(
 
 def _draw(
     model: DiffusionGemma,
-    hidden: torch.Tensor,  # [C, H] one row
-    chunk_mass: torch.Tensor,  # [C, num_chunks]
+    hidden: torch.Tensor,  # [P, H] positions of one row
+    chunk_mass: torch.Tensor,  # [P, num_chunks]
     temperature: torch.Tensor,  # scalar: the proposal temperature
     gen: torch.Generator,
     vocab_chunk: int,
@@ -129,6 +133,7 @@ def _draw(
     return tokens
 
 
+@torch.inference_mode()
 def reference_step(
     model: DiffusionGemma,
     hidden: torch.Tensor,  # [1, C, H]

@@ -319,7 +319,7 @@ class DiffusionGemma(nn.Module):
         """
         cap = self.config.final_logit_softcapping
         z = F.linear(hidden, self.embed_tokens.weight[start:end]).float()
-        return torch.tanh(z / cap) * cap
+        return z.div_(cap).tanh_().mul_(cap)  # in place: the same values, without fresh vocab-sized allocations
 
     @torch.inference_mode()
     def sc_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
