@@ -266,6 +266,10 @@ def main() -> None:
             ref.append(in_fresh_process(run_reference, checkpoint, args.steps, b))
         ours.append(in_fresh_process(run_engine, checkpoint, args.steps, b))
     summary = report(ref, ours, args.steps)
+    runs = ref + ours
+    busy = sum(r["others_cpu_s"] for r in runs) / sum(r["wall_s"] for r in runs) / (os.cpu_count() or 1)
+    if busy > 0.05:  # oversubscribed OpenMP threads slow down far more than the stolen share
+        print(f"\nWARNING: other processes kept {busy:.0%} of the CPUs busy while measuring; rerun on a quiet machine")
     print(f"\nbenchmark took {time.perf_counter() - start:.0f} s")
     if args.json:
         config = {"steps": args.steps, "rows": rows, "checkpoint": checkpoint, "canvas": CANVAS, "prompt": PROMPT_LEN}
