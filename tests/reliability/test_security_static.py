@@ -10,7 +10,7 @@ RUNTIME = [p for package in ("server", "engine", "models") for p in (ROOT / pack
 
 
 def test_no_code_executing_deserialisation_in_runtime_code():
-    forbidden = re.compile(r"\b(pickle|marshal|shelve|dill)\b|torch\.load\(|\beval\(|\bexec\(|yaml\.load\(")
+    forbidden = re.compile(r"\b(pickle|marshal|shelve|dill)\b|torch\.load\(|(?<![.\w])(eval|exec)\(|yaml\.load\(")
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in RUNTIME for i, line in enumerate(p.read_text().splitlines(), 1)
             if forbidden.search(line)]  # fmt: skip
     assert RUNTIME and not hits, hits
