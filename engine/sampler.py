@@ -56,32 +56,39 @@ def fast_step(
 ) -> StepResult:
     weight = model.embed_tokens.weight  # [V, H]
     vocab = weight.shape[0]
-    rows, length, _ = hidden.shape
-    t = temperature.to(hidden.device)[:, None, None]
-    running_max = torch.full((rows, length), -torch.inf, device=hidden.device)
-    sum_exp = torch.zeros(rows, length, device=hidden.device)
+    rows, length, width = hidden.shape
+    n = rows * length  # every (row, position) is one softmax
+    flat = hidden.reshape(n, width)
+    t = temperature.to(hidden.device).repeat_interleave(length)[:, None]  # [N, 1]
+    running_max = torch.full((n,), -torch.inf, device=hidden.device)
+    sum_exp = torch.zeros(n, device=hidden.device)
     sum_exp_z = torch.zeros_like(sum_exp)  # sum of exp(zt - max) * zt, for the entropy
-    best, best_id = running_max.clone(), torch.zeros(rows, length, dtype=torch.long, device=hidden.device)
-    soft = torch.zeros(rows, length, hidden.shape[-1], device=hidden.device)  # sum of exp(zt - max) * E[v]
-    chunk_mass = []  # [R, C] log-mass of each chunk under the proposal distribution
+    best, best_id = running_max.clone(), torch.zeros(n, dtype=torch.long, device=hidden.device)
+    soft = torch.zeros(n, width, device=hidden.device)  # sum of exp(zt - max) * E[v]
+    chunk_mass = []  # [N] log-mass of each chunk under the proposal distribution
+    # The two workspaces are reused for every chunk: fresh vocab-sized allocations cost page faults and memory.
+    workspace = torch.empty(2, n * min(vocab_chunk, vocab), device=hidden.device)
     for start in range(0, vocab, vocab_chunk):
-        zt = model.logits(hidden, start, start + vocab_chunk).div_(t)  # [R, C, Vc] fp32, in place: no new pages
+        size = min(vocab_chunk, vocab - start)
+        zt, e = (buffer[: n * size].view(n, size) for buffer in workspace)
+        model.logits(flat, start, start + size, out=zt).div_(t)  # [N, Vc] fp32
         chunk_best, chunk_id = zt.max(dim=-1)
         better = chunk_best > best  # strict: ties keep the earlier chunk, as argmax keeps the first index
         best, best_id = torch.where(better, chunk_best, best), torch.where(better, chunk_id + start, best_id)
         new_max = torch.maximum(running_max, chunk_best)
         rescale = torch.exp(running_max - new_max)
-        e = torch.exp(zt - new_max[..., None])
+        torch.sub(zt, new_max[:, None], out=e).exp_()
         chunk_sum = e.sum(-1)
         sum_exp = sum_exp * rescale + chunk_sum
-        sum_exp_z = sum_exp_z * rescale + (e * zt).sum(-1)
-        soft = soft * rescale[..., None] + e @ weight[start : start + vocab_chunk].float()
+        sum_exp_z = sum_exp_z * rescale + torch.bmm(e[:, None, :], zt[:, :, None]).view(n)  # row-wise dot
+        soft.mul_(rescale[:, None]).addmm_(e, weight[start : start + size].float())
         running_max = new_max
-        chunk_mass.append(_proposal_chunk_mass(zt, new_max, chunk_sum, proposal_factor))
+        chunk_mass.append(_proposal_chunk_mass(zt.view(rows, length, size), new_max, chunk_sum, proposal_factor))
     log_z = running_max + torch.log(sum_exp)
-    entropy = log_z - sum_exp_z / sum_exp  # -sum p log p with p = softmax(zt)
+    entropy = (log_z - sum_exp_z / sum_exp).view(rows, length)  # -sum p log p with p = softmax(zt)
+    best_id = best_id.view(rows, length)
     accept = accept_mask(entropy, entropy_bound.to(hidden.device))
-    chunk_mass = torch.stack(chunk_mass, dim=-1)  # [R, C, num_chunks]
+    chunk_mass = torch.stack(chunk_mass, dim=-1).view(rows, length, -1)  # [R, C, num_chunks]
 
     # Acceptance depends on the entropies alone, so only accepted positions need a proposal; the rest is renoised.
     next_canvas = torch.empty_like(canvas)
@@ -94,18 +101,20 @@ def fast_step(
             proposal = _draw(model, hidden[r, accepted], chunk_mass[r, accepted], temperature_r, gen, vocab_chunk)
         noise = torch.randint(0, vocab, (length,), generator=gen, device=gen.device).to(canvas.device)
         next_canvas[r] = noise.index_put_((accepted,), proposal)
-    soft_embeds = (soft / sum_exp[..., None]).to(weight.dtype) * model.embed_scale.to(weight.dtype)
+    soft_embeds = (soft / sum_exp[:, None]).view(rows, length, width).to(weight.dtype)
+    soft_embeds = soft_embeds * model.embed_scale.to(weight.dtype)
     return StepResult(next_canvas, best_id, entropy.mean(-1), soft_embeds)
 
 
 def _proposal_chunk_mass(
     zt: torch.Tensor, row_max: torch.Tensor, chunk_sum: torch.Tensor, proposal_factor: list[float]
 ) -> torch.Tensor:
-    """log sum over the chunk of exp(zt / factor): at factor 1 it falls out of the softmax pass for free."""
+    """[N] log sum over the chunk of exp(zt / factor), zt [R, C, Vc]: at factor 1 it falls out of the softmax pass."""
     mass = row_max + torch.log(chunk_sum)
+    length = zt.shape[1]
     for r, factor in enumerate(proposal_factor):
         if factor not in (0.0, 1.0):
-            mass[r] = torch.logsumexp(zt[r] / factor, dim=-1)
+            mass[r * length : (r + 1) * length] = torch.logsumexp(zt[r] / factor, dim=-1)
     return mass
 
 

@@ -312,14 +312,23 @@ class DiffusionGemma(nn.Module):
         return self.norm(x)
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+    def logits(
+        self, hidden: torch.Tensor, start: int = 0, end: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """fp32 softcapped logits [..., end - start] of vocabulary ids [start, end) for final-normed hidden rows.
 
-        The LM head is the tied embedding; bf16 rounding happens before the fp32 softcap (spec P6).
+        The LM head is the tied embedding; bf16 rounding happens before the fp32 softcap (spec P6). `out`, an fp32
+        [N, end - start] buffer for 2-D hidden [N, H], is written instead of allocating (the sampler reuses one).
         """
         cap = self.config.final_logit_softcapping
-        z = F.linear(hidden, self.embed_tokens.weight[start:end]).float()
-        return z.div_(cap).tanh_().mul_(cap)  # in place: the same values, without fresh vocab-sized allocations
+        weight = self.embed_tokens.weight[start:end]
+        if out is None:
+            z = F.linear(hidden, weight).float()
+        elif weight.dtype == torch.float32:
+            z = torch.mm(hidden, weight.t(), out=out)
+        else:
+            z = out.copy_(F.linear(hidden, weight))
+        return z.div_(cap).tanh_().mul_(cap)  # in place: the same values as out of place
 
     @torch.inference_mode()
     def sc_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
