@@ -7,7 +7,8 @@ ours >= 5x the reference's tok/s at B=1, >= 6x at B=4 against the reference run 
 memory growth per row <= 1/10 of the reference's.
 
 Every measurement runs in a fresh spawned process, after one short warm-up generation. The machine is shared, so
-each run also reports the CPU time other processes took while it ran ("others s"); large values mean contention.
+each run also records the CPU time other processes took while it ran ("others s"), and a measurement during which
+they kept more than 5 % of the CPUs busy is repeated, up to 3 attempts.
 
     python -m benchmarks.bench_engine                      # N=16, B=1 2 4: about 20 minutes
     python -m benchmarks.bench_engine --steps 4 --rows 1 2 # smoke check
@@ -37,6 +38,7 @@ from models.random_checkpoint import write_random_checkpoint
 CANVAS = 256  # new tokens per sequence: one canvas
 PROMPT_LEN = 32
 WARMUP_STEPS = 2
+ATTEMPTS, CONTENDED = 3, 0.05  # re-measure while other processes keep more than this share of the CPUs busy
 MiB = 2**20
 Result = dict[str, float]
 
@@ -157,9 +159,20 @@ def result(rows: int, wall: float, others: float, forward: float, sampler: float
     }
 
 
-def in_fresh_process(fn: Callable[[str, int, int], Result], checkpoint: str, steps: int, rows: int) -> Result:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, checkpoint, steps, rows).result()
+def contention(runs: list[Result]) -> float:
+    """Share of the machine's CPUs that other processes used during these runs."""
+    return sum(r["others_cpu_s"] for r in runs) / sum(r["wall_s"] for r in runs) / (os.cpu_count() or 1)
+
+
+def measure(fn: Callable[[str, int, int], Result], checkpoint: str, steps: int, rows: int) -> Result:
+    """One measurement in a fresh process, repeated while the machine was busy with other work."""
+    for attempt in range(ATTEMPTS):
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            run = pool.submit(fn, checkpoint, steps, rows).result()
+        if (busy := contention([run])) <= CONTENDED or attempt == ATTEMPTS - 1:
+            break
+        print(f"{fn.__name__} B={rows}: other processes used {busy:.0%} of the CPUs, measuring again", flush=True)
+    return run
 
 
 def bench_checkpoint() -> Path:
@@ -263,13 +276,12 @@ def main() -> None:
     ref, ours = [], []
     for b in rows:
         if not args.skip_reference:
-            ref.append(in_fresh_process(run_reference, checkpoint, args.steps, b))
-        ours.append(in_fresh_process(run_engine, checkpoint, args.steps, b))
+            ref.append(measure(run_reference, checkpoint, args.steps, b))
+        ours.append(measure(run_engine, checkpoint, args.steps, b))
     summary = report(ref, ours, args.steps)
-    runs = ref + ours
-    busy = sum(r["others_cpu_s"] for r in runs) / sum(r["wall_s"] for r in runs) / (os.cpu_count() or 1)
-    if busy > 0.05:  # oversubscribed OpenMP threads slow down far more than the stolen share
-        print(f"\nWARNING: other processes kept {busy:.0%} of the CPUs busy while measuring; rerun on a quiet machine")
+    # Oversubscribed OpenMP threads lose far more than the share other processes take.
+    if (busy := max(contention([r]) for r in ref + ours)) > CONTENDED:
+        print(f"\nWARNING: other processes kept up to {busy:.0%} of the CPUs busy in a measurement; rerun when quiet")
     print(f"\nbenchmark took {time.perf_counter() - start:.0f} s")
     if args.json:
         config = {"steps": args.steps, "rows": rows, "checkpoint": checkpoint, "canvas": CANVAS, "prompt": PROMPT_LEN}
