@@ -12,7 +12,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_cache import SequenceKV, commit_encoded, decoder_attention, encoder_attention
 from engine.sampler import StepResult, fast_step, initial_canvas, reference_step, schedule_temperature
-from engine.sequence import Sequence
+from engine.sequence import Sequence, kv_capacity
 from models.config import ModelConfig
 from models.diffusion_gemma import DiffusionGemma
 
@@ -33,11 +33,11 @@ class ModelRunner:
             self.fault = (kind, int(at))
 
     def kv_bytes(self, seq: Sequence) -> int:
-        return SequenceKV.num_bytes(self.config, seq.kv_capacity, self.dtype)
+        return self.kv_bytes_for(len(seq.prompt_ids), seq.params.max_tokens)
 
     def kv_bytes_for(self, prompt_len: int, max_tokens: int) -> int:
         """KV bytes a request of this shape is charged (prompt + whole canvases)."""
-        capacity = prompt_len + -(-max_tokens // self.config.canvas_length) * self.config.canvas_length
+        capacity = kv_capacity(prompt_len, max_tokens, self.config.canvas_length)
         return SequenceKV.num_bytes(self.config, capacity, self.dtype)
 
     def allocate(self, seq: Sequence) -> None:

@@ -12,6 +12,11 @@ from engine.kv_cache import SequenceKV
 from engine.request import SamplingParams
 
 
+def kv_capacity(prompt_len: int, max_tokens: int, canvas_length: int) -> int:
+    """Slots a sequence can ever hold: prompt, every committed canvas, and the one being denoised."""
+    return prompt_len + math.ceil(max_tokens / canvas_length) * canvas_length
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -45,8 +50,7 @@ class Sequence:
 
     @property
     def kv_capacity(self) -> int:
-        """Slots the sequence can ever hold: prompt, every committed canvas, and the one being denoised."""
-        return len(self.prompt_ids) + self.max_canvases * self.canvas_length
+        return kv_capacity(len(self.prompt_ids), self.params.max_tokens, self.canvas_length)
 
     @property
     def steps_left(self) -> int:

@@ -13,9 +13,6 @@ reads `request.node._nodeid`, which pytest 9.2 no longer has (AttributeError bef
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -23,7 +20,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, response_schema_conformance
 
-from tests.server.conftest import LiveServer, start_server, stop_server
+from tests.server.conftest import LiveServer
 
 MAX_EXAMPLES = 25
 REQUEST_TIMEOUT = 30  # seconds; every request here takes well under one
@@ -36,15 +33,9 @@ NEGATIVE_OPERATIONS = [("POST", path) for path in POSTS]
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    live = start_server(tiny_checkpoint, tmp_path_factory.mktemp("schemathesis") / "server.log")
-    yield live
-    stop_server(live)
-
-
-@pytest.fixture(scope="module")
-def api_schema(fuzz_server: LiveServer):
-    schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
+def api_schema(server: LiveServer):
+    """Fuzz the shared test server (tests/conftest.py): no API key, the tiny checkpoint."""
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     schema.config.update(request_timeout=REQUEST_TIMEOUT)
     return schema
 
