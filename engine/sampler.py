@@ -59,11 +59,12 @@ def fast_step(
     rows, length, width = hidden.shape
     n = rows * length  # every (row, position) is one softmax
     flat = hidden.reshape(n, width)
-    t = temperature.to(hidden.device).repeat_interleave(length)[:, None]  # [N, 1]
-    running_max = torch.full((n,), -torch.inf, device=hidden.device)
+    inv_t = 1 / temperature.to(hidden.device).repeat_interleave(length)[:, None]  # [N, 1]
+    # zt below is the shifted zt = (softcap(z) + cap) / T >= 0: the same softmax, entropy and argmax as softcap(z) / T.
+    running_max = torch.zeros(n, device=hidden.device)  # 0 bounds every shifted max from below
     sum_exp = torch.zeros(n, device=hidden.device)
-    sum_exp_z = torch.zeros_like(sum_exp)  # sum of exp(zt - max) * zt, for the entropy
-    best, best_id = running_max.clone(), torch.zeros(n, dtype=torch.long, device=hidden.device)
+    sum_exp_d = torch.zeros_like(sum_exp)  # sum of exp(zt - max) * (zt - max): the entropy's mean, near 0 for precision
+    best, best_id = torch.full_like(sum_exp, -torch.inf), torch.zeros(n, dtype=torch.long, device=hidden.device)
     soft = torch.zeros(n, width, device=hidden.device)  # sum of exp(zt - max) * E[v]
     chunk_mass = []  # [N] log-mass of each chunk under the proposal distribution
     # The two workspaces are reused for every chunk: fresh vocab-sized allocations cost page faults and memory.
@@ -71,21 +72,23 @@ def fast_step(
     for start in range(0, vocab, vocab_chunk):
         size = min(vocab_chunk, vocab - start)
         zt, e = (buffer[: n * size].view(n, size) for buffer in workspace)
-        model.logits(flat, start, start + size, out=zt).div_(t)  # [N, Vc] fp32
+        model.shifted_logits(flat, start, start + size, inv_t, out=zt)  # [N, Vc] fp32
         chunk_best, chunk_id = zt.max(dim=-1)
         better = chunk_best > best  # strict: ties keep the earlier chunk, as argmax keeps the first index
         best, best_id = torch.where(better, chunk_best, best), torch.where(better, chunk_id + start, best_id)
         new_max = torch.maximum(running_max, chunk_best)
         rescale = torch.exp(running_max - new_max)
-        torch.sub(zt, new_max[:, None], out=e).exp_()
+        # Moving the max from m to m' turns sum e (zt - m) into rescale * (sum e (zt - m) + (m - m') sum e).
+        sum_exp_d = rescale * (sum_exp_d + (running_max - new_max) * sum_exp)
+        d = zt.sub_(new_max[:, None])
+        torch.exp(d, out=e)
         chunk_sum = e.sum(-1)
+        chunk_mass.append(_proposal_chunk_mass(d.view(rows, length, size), new_max, chunk_sum, proposal_factor))
         sum_exp = sum_exp * rescale + chunk_sum
-        sum_exp_z = sum_exp_z * rescale + torch.bmm(e[:, None, :], zt[:, :, None]).view(n)  # row-wise dot
+        sum_exp_d += d.mul_(e).sum(-1)  # in place: d is spent
         soft.mul_(rescale[:, None]).addmm_(e, weight[start : start + size].float())
         running_max = new_max
-        chunk_mass.append(_proposal_chunk_mass(zt.view(rows, length, size), new_max, chunk_sum, proposal_factor))
-    log_z = running_max + torch.log(sum_exp)
-    entropy = (log_z - sum_exp_z / sum_exp).view(rows, length)  # -sum p log p with p = softmax(zt)
+    entropy = (torch.log(sum_exp) - sum_exp_d / sum_exp).view(rows, length)  # -sum p log p with p = softmax(zt)
     best_id = best_id.view(rows, length)
     accept = accept_mask(entropy, entropy_bound.to(hidden.device))
     chunk_mass = torch.stack(chunk_mass, dim=-1).view(rows, length, -1)  # [R, C, num_chunks]
@@ -107,14 +110,16 @@ def fast_step(
 
 
 def _proposal_chunk_mass(
-    zt: torch.Tensor, row_max: torch.Tensor, chunk_sum: torch.Tensor, proposal_factor: list[float]
+    d: torch.Tensor, row_max: torch.Tensor, chunk_sum: torch.Tensor, proposal_factor: list[float]
 ) -> torch.Tensor:
-    """[N] log sum over the chunk of exp(zt / factor), zt [R, C, Vc]: at factor 1 it falls out of the softmax pass."""
+    """[N] log sum over the chunk of exp(zt / factor), from d = zt - row_max [R, C, Vc]: at factor 1 it falls out of
+    the softmax pass."""
     mass = row_max + torch.log(chunk_sum)
-    length = zt.shape[1]
+    length = d.shape[1]
     for r, factor in enumerate(proposal_factor):
         if factor not in (0.0, 1.0):
-            mass[r * length : (r + 1) * length] = torch.logsumexp(zt[r] / factor, dim=-1)
+            rows = slice(r * length, (r + 1) * length)
+            mass[rows] = row_max[rows] / factor + torch.logsumexp(d[r] / factor, dim=-1)
     return mass
 
 

@@ -312,23 +312,32 @@ class DiffusionGemma(nn.Module):
         return self.norm(x)
 
     @torch.inference_mode()
-    def logits(
-        self, hidden: torch.Tensor, start: int = 0, end: int | None = None, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """fp32 softcapped logits [..., end - start] of vocabulary ids [start, end) for final-normed hidden rows.
 
-        The LM head is the tied embedding; bf16 rounding happens before the fp32 softcap (spec P6). `out`, an fp32
-        [N, end - start] buffer for 2-D hidden [N, H], is written instead of allocating (the sampler reuses one).
+        The LM head is the tied embedding; bf16 rounding happens before the fp32 softcap (spec P6).
+        """
+        cap = self.config.final_logit_softcapping
+        z = F.linear(hidden, self.embed_tokens.weight[start:end]).float()
+        return z.div_(cap).tanh_().mul_(cap)  # in place: the same values as out of place
+
+    def shifted_logits(
+        self, hidden: torch.Tensor, start: int, end: int, scale: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        """(softcap(z) + cap) * scale written into the fp32 buffer `out` [N, end - start], for hidden [N, H] and a
+        per-row scale [N, 1] (the sampler's 1 / temperature).
+
+        The per-row shift changes no softmax, entropy or argmax, and it turns cap * tanh(z / cap) + cap into
+        2 * cap * sigmoid(2 * z / cap): on CPU sigmoid is about 8x cheaper than tanh, the sampler's costliest
+        elementwise op. All values are >= 0.
         """
         cap = self.config.final_logit_softcapping
         weight = self.embed_tokens.weight[start:end]
-        if out is None:
-            z = F.linear(hidden, weight).float()
-        elif weight.dtype == torch.float32:
-            z = torch.mm(hidden, weight.t(), out=out)
+        if weight.dtype == torch.float32:
+            torch.addmm(out, hidden, weight.t(), beta=0, alpha=2 / cap, out=out)  # the 2 / cap rides in the GEMM
         else:
-            z = out.copy_(F.linear(hidden, weight))
-        return z.div_(cap).tanh_().mul_(cap)  # in place: the same values as out of place
+            out.copy_(F.linear(hidden, weight)).mul_(2 / cap)  # bf16 rounding first, as in logits()
+        return out.sigmoid_().mul_(2 * cap * scale)
 
     @torch.inference_mode()
     def sc_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampler import _draw, accept_mask, fast_step, schedule_temperature
+from engine.sampler import _draw, _proposal_chunk_mass, accept_mask, fast_step, schedule_temperature
 
 
 @pytest.fixture(scope="module")
@@ -14,13 +14,16 @@ def model(engine):
 
 
 def hidden_rows(model, rows: int, scale: float, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
+    # An offset seed: the checkpoint's embedding came from seed 0's stream, and rows equal to it would put every
+    # argmax in the first vocabulary chunk.
+    gen = torch.Generator().manual_seed(1000 + seed)
     h = torch.randn(rows, model.config.canvas_length, model.config.hidden_size, generator=gen)
     return h / h.norm(dim=-1, keepdim=True) * scale
 
 
-def test_streaming_pass_equals_full_vocabulary_math(model):
-    hidden = hidden_rows(model, 2, scale=40.0, seed=0)
+@pytest.mark.parametrize("scale", [40.0, 3.0])  # peaked and flat: a flat row's max moves between chunks
+def test_streaming_pass_equals_full_vocabulary_math(model, scale):
+    hidden = hidden_rows(model, 2, scale=scale, seed=0)
     temperature = torch.tensor([0.8, 0.5])
     canvas = torch.zeros(2, model.config.canvas_length, dtype=torch.long)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
@@ -40,6 +43,16 @@ def test_temperature_zero_proposes_the_argmax(model):
     accepted = accept_mask(entropy, torch.tensor([5.0]))
     assert accepted.any()
     assert torch.equal(result.canvas[accepted], result.argmax[accepted])
+
+
+def test_chunk_mass_at_any_proposal_factor():
+    gen = torch.Generator().manual_seed(0)
+    zt = torch.randn(2, 8, 64, generator=gen) * 3  # [R, C, Vc]
+    row_max = zt.amax(-1).view(-1) + torch.rand(16, generator=gen)  # the running max may exceed this chunk's
+    d = zt - row_max.view(2, 8, 1)
+    mass = _proposal_chunk_mass(d, row_max, d.exp().sum(-1).view(-1), [1.0, 0.5])
+    expected = torch.stack([torch.logsumexp(zt[0], -1), torch.logsumexp(zt[1] / 0.5, -1)]).view(-1)
+    torch.testing.assert_close(mass, expected)
 
 
 def test_hierarchical_draw_samples_the_softmax(model):
