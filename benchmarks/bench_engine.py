@@ -10,7 +10,7 @@ Every measurement runs in a fresh spawned process, after one short warm-up gener
 each run also records the CPU time other processes took while it ran ("others s"), and a measurement during which
 they kept more than 5 % of the CPUs busy is repeated, up to 3 attempts.
 
-    python -m benchmarks.bench_engine                      # N=16, B=1 2 4: about 20 minutes
+    python -m benchmarks.bench_engine                      # N=16, B=1 2 4: about 8 minutes
     python -m benchmarks.bench_engine --steps 4 --rows 1 2 # smoke check
 """
 
