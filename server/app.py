@@ -162,7 +162,6 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        engine.start()
         state.started = True
         logger.info("ready to serve %s", config.model_name)
         yield

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
 
+import engine.async_engine
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.config import EngineConfig
 from engine.request import BlockCommitted, Failed, Finished, FinishReason, SamplingParams
+from models.config import ConfigError
 from tests.engine.test_engine import output_tokens, prompt
 
 MiB = 2**20
@@ -18,9 +21,25 @@ MiB = 2**20
 @pytest.fixture
 def async_engine(tiny_checkpoint):
     engine = AsyncEngine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=64 * MiB, max_num_seqs=4, max_waiting=4))
-    engine.start()
     yield engine
     engine.shutdown(timeout=10)
+
+
+def test_the_engine_thread_loads_the_model_and_load_errors_reach_the_caller(tiny_checkpoint, tmp_path, monkeypatch):
+    # One thread must run all of torch's work: a second OpenMP team (a load on the main thread) slows CPU steps ~2x.
+    loaded_on = []
+
+    class SpyEngine(engine.async_engine.Engine):
+        def __init__(self, *args, **kwargs):
+            loaded_on.append(threading.current_thread().name)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine.async_engine, "Engine", SpyEngine)
+    served = AsyncEngine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=64 * MiB))
+    served.shutdown(timeout=10)
+    assert loaded_on == ["dgserve-engine"]
+    with pytest.raises(ConfigError, match=r"config\.json"):
+        AsyncEngine(EngineConfig(str(tmp_path / "missing"), kv_budget_bytes=64 * MiB))
 
 
 async def collect(engine: AsyncEngine, request_id: str, ids: list[int], params: SamplingParams) -> list:
