@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.sampler import _draw, _proposal_chunk_mass, accept_mask, fast_step, schedule_temperature
+from models.loader import load_model
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,22 @@ def test_streaming_pass_equals_full_vocabulary_math(model, scale):
     assert torch.equal(result.argmax, zt.argmax(-1))
     torch.testing.assert_close(result.mean_entropy, entropy.mean(-1), rtol=0, atol=1e-5)
     torch.testing.assert_close(result.soft_embeds, model.sc_embedding(zt), rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_pass_in_bfloat16(tiny_checkpoint):
+    """bf16 weights (the GPU default): the chunk GEMM rounds to bf16 before the fp32 softcap, as logits() does."""
+    model = load_model(tiny_checkpoint, torch.bfloat16)[0]
+    hidden = hidden_rows(model, 2, scale=3.0, seed=0).bfloat16()
+    temperature = torch.tensor([0.8, 0.5])
+    canvas = torch.zeros(2, model.config.canvas_length, dtype=torch.long)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    result = fast_step(model, hidden, canvas, temperature, [1.0, 1.0], torch.tensor([0.1, 0.1]), gens, 300)
+    zt = model.logits(hidden) / temperature[:, None, None]
+    entropy = torch.distributions.Categorical(logits=zt).entropy()
+    assert result.soft_embeds.dtype == torch.bfloat16
+    assert torch.equal(result.argmax, zt.argmax(-1))  # bf16 ties included: both keep the first index
+    torch.testing.assert_close(result.mean_entropy, entropy.mean(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(result.soft_embeds, model.sc_embedding(zt), rtol=1.6e-2, atol=1e-4)  # a bf16 ulp
 
 
 def test_temperature_zero_proposes_the_argmax(model):
