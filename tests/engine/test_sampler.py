@@ -22,34 +22,31 @@ def hidden_rows(model, rows: int, scale: float, seed: int) -> torch.Tensor:
     return h / h.norm(dim=-1, keepdim=True) * scale
 
 
-@pytest.mark.parametrize("scale", [40.0, 3.0])  # peaked and flat: a flat row's max moves between chunks
-def test_streaming_pass_equals_full_vocabulary_math(model, scale):
-    hidden = hidden_rows(model, 2, scale=scale, seed=0)
+@pytest.fixture(scope="module")
+def bf16_model(tiny_checkpoint):
+    return load_model(tiny_checkpoint, torch.bfloat16)[0]
+
+
+# Peaked and flat fp32 rows (a flat row's max moves between chunks), and bf16 weights (the GPU default), whose chunk
+# GEMM rounds to bf16 before the fp32 softcap as logits() does; soft embeddings then agree to a bf16 ulp.
+@pytest.mark.parametrize(
+    ("weights", "scale", "soft_rtol", "soft_atol"),
+    [("fp32", 40.0, 1e-5, 1e-5), ("fp32", 3.0, 1e-5, 1e-5), ("bf16", 3.0, 1.6e-2, 1e-4)],
+)
+def test_streaming_pass_equals_full_vocabulary_math(request, weights, scale, soft_rtol, soft_atol):
+    model = request.getfixturevalue("model" if weights == "fp32" else "bf16_model")
+    dtype = model.embed_tokens.weight.dtype
+    hidden = hidden_rows(model, 2, scale=scale, seed=0).to(dtype)
     temperature = torch.tensor([0.8, 0.5])
     canvas = torch.zeros(2, model.config.canvas_length, dtype=torch.long)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     result = fast_step(model, hidden, canvas, temperature, [1.0, 1.0], torch.tensor([0.1, 0.1]), gens, 300)
     zt = model.logits(hidden) / temperature[:, None, None]  # [2, C, V]: fine at this vocabulary size
     entropy = torch.distributions.Categorical(logits=zt).entropy()
-    assert torch.equal(result.argmax, zt.argmax(-1))
-    torch.testing.assert_close(result.mean_entropy, entropy.mean(-1), rtol=0, atol=1e-5)
-    torch.testing.assert_close(result.soft_embeds, model.sc_embedding(zt), rtol=1e-5, atol=1e-5)
-
-
-def test_streaming_pass_in_bfloat16(tiny_checkpoint):
-    """bf16 weights (the GPU default): the chunk GEMM rounds to bf16 before the fp32 softcap, as logits() does."""
-    model = load_model(tiny_checkpoint, torch.bfloat16)[0]
-    hidden = hidden_rows(model, 2, scale=3.0, seed=0).bfloat16()
-    temperature = torch.tensor([0.8, 0.5])
-    canvas = torch.zeros(2, model.config.canvas_length, dtype=torch.long)
-    gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    result = fast_step(model, hidden, canvas, temperature, [1.0, 1.0], torch.tensor([0.1, 0.1]), gens, 300)
-    zt = model.logits(hidden) / temperature[:, None, None]
-    entropy = torch.distributions.Categorical(logits=zt).entropy()
-    assert result.soft_embeds.dtype == torch.bfloat16
     assert torch.equal(result.argmax, zt.argmax(-1))  # bf16 ties included: both keep the first index
     torch.testing.assert_close(result.mean_entropy, entropy.mean(-1), rtol=0, atol=1e-5)
-    torch.testing.assert_close(result.soft_embeds, model.sc_embedding(zt), rtol=1.6e-2, atol=1e-4)  # a bf16 ulp
+    assert result.soft_embeds.dtype == dtype
+    torch.testing.assert_close(result.soft_embeds, model.sc_embedding(zt), rtol=soft_rtol, atol=soft_atol)
 
 
 def test_temperature_zero_proposes_the_argmax(model):
