@@ -4,7 +4,7 @@ One thread owns the scheduler, the KV memory and the model, so nothing is shared
 events delivered into per-request asyncio queues with `call_soon_threadsafe`. The event loop never waits on torch.
 The same thread also loads the model: torch's OpenMP gives every thread that runs parallel ops its own worker team,
 and with a second (idle) team on the machine the workers stop spinning between ops and sleep on futexes, which made
-CPU denoising steps 1.7-2.2x slower.
+CPU denoising steps 1.7-2.3x slower.
 """
 
 from __future__ import annotations
