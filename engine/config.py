@@ -20,6 +20,10 @@ class EngineConfig:
     kv_budget_bytes: int | None = None  # KV memory for all sequences; None: kv_budget_fraction of free memory
     kv_budget_fraction: float = 0.5
     max_waiting: int = 256  # requests queued beyond the free slots; more are refused (the server's 429)
+    # Tokens of a prompt (or canvas commit) a sequence encodes per iteration: bounds a long prompt's attention memory
+    # ([heads, chunk, prefix] scores instead of [heads, prompt, prompt]), and others keep denoising meanwhile.
+    # Reference mode encodes a prompt in one pass, as generate() does.
+    prefill_chunk: int = 2048
     vocab_chunk: int | None = None  # sampler workspace per row: [canvas, vocab_chunk] fp32; None: 2048 CPU, 8192 CUDA
     reference_mode: bool = False  # reproduce transformers' generate() draw for draw: one sequence, global RNG
     # Test-only fault injection: "oom@N" makes the N-th decoder forward raise an out-of-memory error (recoverable),
@@ -33,8 +37,8 @@ class EngineConfig:
             raise ValueError("reference_mode runs one sequence at a time: set max_num_seqs=1")
         if not 0 < self.kv_budget_fraction <= 1:
             raise ValueError(f"kv_budget_fraction must be in (0, 1], got {self.kv_budget_fraction}")
-        if (self.vocab_chunk is not None and self.vocab_chunk < 1) or self.max_waiting < 0:
-            raise ValueError("vocab_chunk must be >= 1 and max_waiting >= 0")
+        if (self.vocab_chunk is not None and self.vocab_chunk < 1) or self.max_waiting < 0 or self.prefill_chunk < 1:
+            raise ValueError("vocab_chunk and prefill_chunk must be >= 1 and max_waiting >= 0")
         if self.fault_injection is not None and not re.fullmatch(r"(oom|fatal)@\d+", self.fault_injection):
             raise ValueError(f"fault_injection must be oom@N or fatal@N, got {self.fault_injection!r}")
         if self.dtype not in (None, "bfloat16", "float32"):

@@ -45,7 +45,13 @@ class Engine:
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         budget = config.kv_budget_bytes or int(free_memory_bytes(device) * config.kv_budget_fraction)
         self.runner = ModelRunner(self.model, self.model_config, config)
-        self.scheduler = Scheduler(KVBudget(budget), config.max_num_seqs, config.max_waiting, self.runner.kv_bytes)
+        self.scheduler = Scheduler(
+            KVBudget(budget),
+            config.max_num_seqs,
+            config.max_waiting,
+            self.runner.kv_bytes,
+            prefill_chunk=None if config.reference_mode else config.prefill_chunk,
+        )
         self._pending: list[EngineEvent] = []  # produced between steps (aborts)
         logger.info(
             "engine ready: %s on %s, KV budget %.1f MiB, up to %d sequences, max_model_len %d",

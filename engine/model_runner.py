@@ -54,9 +54,12 @@ class ModelRunner:
         seq.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     @torch.inference_mode()
-    def encode(self, seqs: list[Sequence]) -> int:
-        """One causal pass over every sequence's pending tokens (prompts and canvases to commit), flattened."""
-        lengths = [len(s.to_encode) for s in seqs]
+    def encode(self, work: list[tuple[Sequence, int]]) -> int:
+        """One causal pass over the next n pending tokens (prompt or canvas to commit) of each sequence, flattened.
+
+        A sequence with nothing left pending starts its next canvas.
+        """
+        seqs, lengths = [s for s, _ in work], [n for _, n in work]
         starts = [sum(lengths[:i]) for i in range(len(seqs))]
         total = sum(lengths)
         if not self.reference:
@@ -64,14 +67,15 @@ class ModelRunner:
         ids = torch.zeros(1, total, dtype=torch.long)
         positions = torch.zeros(1, total, dtype=torch.long)
         for seq, start, n in zip(seqs, starts, lengths, strict=True):
-            ids[0, start : start + n] = torch.tensor(seq.to_encode)
+            ids[0, start : start + n] = torch.tensor(seq.to_encode[:n])
             positions[0, start : start + n] = torch.arange(seq.kv.length, seq.kv.length + n)
         kvs = [s.kv for s in seqs]
         self.model.encode(ids.to(self.device), positions.to(self.device), encoder_attention(kvs, starts, lengths))
         commit_encoded(kvs, lengths)
-        for seq in seqs:
-            seq.to_encode = []
-            self._start_canvas(seq)
+        for seq, n in work:
+            seq.to_encode = seq.to_encode[n:]
+            if not seq.to_encode:
+                self._start_canvas(seq)
         return sum(lengths)
 
     def _start_canvas(self, seq: Sequence) -> None:

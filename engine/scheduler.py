@@ -21,15 +21,21 @@ class QueueFullError(RuntimeError):
 @dataclass(slots=True)
 class Batch:
     admitted: list[Sequence]  # need KV memory allocated before anything else
-    encode: list[Sequence]  # prefill or commit this iteration, then start a canvas
-    denoise: list[Sequence]  # every running sequence: one denoising step each
+    encode: list[tuple[Sequence, int]]  # the next n pending tokens (prompt or commit) of each; a canvas starts after
+    denoise: list[Sequence]  # every running sequence with nothing left to encode: one denoising step each
 
 
 class Scheduler:
     def __init__(
-        self, budget: KVBudget, max_num_seqs: int, max_waiting: int, bytes_for: Callable[[Sequence], int]
+        self,
+        budget: KVBudget,
+        max_num_seqs: int,
+        max_waiting: int,
+        bytes_for: Callable[[Sequence], int],
+        prefill_chunk: int | None,
     ) -> None:
         self.budget, self.max_num_seqs, self.max_waiting = budget, max_num_seqs, max_waiting
+        self.prefill_chunk = prefill_chunk  # None: all pending tokens in one pass
         self.bytes_for = bytes_for  # Sequence -> KV bytes it will need at most
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -60,7 +66,14 @@ class Scheduler:
             seq.status, seq.to_encode = Status.RUNNING, list(seq.prompt_ids)
             self.running.append(seq)
             admitted.append(seq)
-        return Batch(admitted, [s for s in self.running if s.to_encode], list(self.running))
+        encode = [(s, self._encode_now(s)) for s in self.running if s.to_encode]
+        return Batch(admitted, encode, [s for s in self.running if self._encode_now(s) == len(s.to_encode)])
+
+    def _encode_now(self, seq: Sequence) -> int:
+        """Pending tokens `seq` encodes this iteration. Its chunks start at fixed offsets of its own tokens, whatever
+        else runs, so its numbers stay batch-invariant."""
+        pending = len(seq.to_encode)
+        return pending if self.prefill_chunk is None else min(pending, self.prefill_chunk)
 
     def abort(self, request_id: str) -> Sequence | None:
         """Drop a sequence wherever it is; its memory is free for the next iteration."""

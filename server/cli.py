@@ -150,6 +150,7 @@ def _serve(args: argparse.Namespace) -> None:
             kv_budget_bytes=args.kv_budget_bytes,
             kv_budget_fraction=args.kv_budget_fraction,
             max_waiting=args.max_waiting,
+            prefill_chunk=args.prefill_chunk,
             fault_injection=os.environ.get("DGSERVE_TEST_FAULT"),
         ),
         on_step=metrics.on_step,
@@ -195,6 +196,12 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-waiting", type=int, default=int(_env("MAX_WAITING", "256")))
     serve.add_argument("--kv-budget-bytes", type=int, default=_int_or_none(_env("KV_BUDGET_BYTES")))
     serve.add_argument("--kv-budget-fraction", type=float, default=float(_env("KV_BUDGET_FRACTION", "0.5")))
+    serve.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=int(_env("PREFILL_CHUNK", "2048")),
+        help="prompt tokens a sequence encodes per iteration (bounds a long prompt's memory)",
+    )
     serve.add_argument(
         "--drain-timeout",
         type=float,

@@ -207,7 +207,7 @@ def test_a_sequence_computes_bit_identical_numbers_alone_or_in_any_batch(engine)
         for seq in seqs:
             runner.allocate(seq)
             seq.to_encode = list(seq.prompt_ids)
-        runner.encode(seqs)
+        runner.encode([(seq, len(seq.prompt_ids)) for seq in seqs])
         runner.denoise(seqs)
         runner.denoise(seqs)  # the second step runs self-conditioning
         return seqs[0]
@@ -219,3 +219,60 @@ def test_a_sequence_computes_bit_identical_numbers_alone_or_in_any_batch(engine)
         assert torch.equal(alone.kv.keys[1][:, : alone.kv.length], batched.kv.keys[1][:, : batched.kv.length])
         assert torch.equal(alone.soft_embeds, batched.soft_embeds), f"trial {trial}"
         assert torch.equal(alone.canvas, batched.canvas), f"trial {trial}"
+
+
+@pytest.fixture(scope="module")
+def chunked_engine(tiny_checkpoint):
+    return Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=64 * MiB, max_num_seqs=4, prefill_chunk=16))
+
+
+def test_a_long_prompt_prefills_in_chunks_while_others_keep_denoising(engine, chunked_engine):
+    slow = SamplingParams(max_tokens=32, max_denoising_steps=40, stability_threshold=41)  # no commit in the window
+    chunked_engine.add_request("running", prompt(10, 1), slow)
+    chunked_engine.step()
+    chunked_engine.add_request("long", prompt(40, 2), SamplingParams(max_tokens=32, seed=3))
+    stats = [chunked_engine.step()[1] for _ in range(3)]
+    assert [(s.num_encode_tokens, s.num_denoise_rows) for s in stats] == [(16, 1), (16, 1), (8, 2)]
+    long = next(s for s in chunked_engine.scheduler.running if s.request_id == "long")
+    # The chunked cache equals a one-pass prefill up to rounding (attention reductions run over other lengths).
+    whole = Sequence("whole", prompt(40, 2), long.params, engine.model_config.canvas_length)
+    engine.runner.allocate(whole)
+    whole.to_encode = list(whole.prompt_ids)
+    engine.runner.encode([(whole, 40)])
+    for layer in range(engine.model_config.num_layers):
+        held = whole.kv.keys[layer].shape[1] if engine.model_config.layers[layer].is_sliding else 40
+        torch.testing.assert_close(long.kv.keys[layer][:, :held], whole.kv.keys[layer][:, :held])
+        torch.testing.assert_close(long.kv.values[layer][:, :held], whole.kv.values[layer][:, :held])
+    chunked_engine.abort("running")
+    chunked_engine.abort("long")
+    chunked_engine.step()
+
+
+def test_chunked_prefill_keeps_a_sequence_bit_identical_alone_or_in_a_batch(chunked_engine):
+    """A sequence's chunks start at fixed offsets of its own prompt, whatever else is being encoded."""
+
+    def prefilled_keys(requests: dict[str, tuple[list[int], SamplingParams]]) -> list[torch.Tensor]:
+        for request_id, (ids, params) in requests.items():
+            chunked_engine.add_request(request_id, ids, params)
+        x = next(s for s in chunked_engine.scheduler.waiting if s.request_id == "x")
+        while x.kv is None or x.to_encode:
+            chunked_engine.step()
+        keys = [k[:, : x.kv.length].clone() for k in x.kv.keys]
+        for request_id in requests:
+            chunked_engine.abort(request_id)
+        chunked_engine.step()
+        return keys
+
+    x = (prompt(37, 5), SamplingParams(max_tokens=64, seed=21))
+    alone = prefilled_keys({"x": x})
+    others = {"a": (prompt(29, 6), SamplingParams(max_tokens=96)), "b": (prompt(51, 7), SamplingParams(max_tokens=32))}
+    for batch in ({**others, "x": x}, {"a": others["a"], "x": x}):
+        for ours, expected in zip(prefilled_keys(batch), alone, strict=True):
+            assert torch.equal(ours, expected)
+
+
+def test_reference_mode_prefills_in_one_pass_as_generate_does(tiny_checkpoint):
+    ref = Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=64 * MiB, reference_mode=True, max_num_seqs=1,
+                              prefill_chunk=8))  # fmt: skip
+    ref.add_request("r", prompt(40, 4), SamplingParams(max_tokens=32, max_denoising_steps=2))
+    assert ref.step()[1].num_encode_tokens == 40
