@@ -4,7 +4,7 @@ On the demo checkpoint (fp32 CPU, 2 threads), for each prompt length it times th
 the KV cache and the first denoising step ran, and the memory growth over them, each measurement in a fresh
 spawned process after a short warm-up, then prints the ratios one pass / chunked.
 
-    python -m benchmarks.bench_prefill                          # 4K, 16K, 32K tokens; about 3 minutes
+    python -m benchmarks.bench_prefill                          # 4K, 16K, 32K tokens; about 2 minutes
     python -m benchmarks.bench_prefill --lengths 8192 --chunks 1024 4096
 """
 
