@@ -64,7 +64,7 @@ def fast_step(
     running_max = torch.zeros(n, device=hidden.device)  # 0 bounds every shifted max from below
     sum_exp = torch.zeros(n, device=hidden.device)
     sum_exp_d = torch.zeros_like(sum_exp)  # sum of exp(zt - max) * (zt - max): the entropy's mean, near 0 for precision
-    best, best_id = torch.full_like(sum_exp, -torch.inf), torch.zeros(n, dtype=torch.long, device=hidden.device)
+    best_id = torch.zeros(n, dtype=torch.long, device=hidden.device)  # where running_max was first reached
     soft = torch.zeros(n, width, device=hidden.device)  # sum of exp(zt - max) * E[v]
     chunk_mass = []  # [N] log-mass of each chunk under the proposal distribution
     # The two workspaces are reused for every chunk: fresh vocab-sized allocations cost page faults and memory.
@@ -74,13 +74,12 @@ def fast_step(
         zt, e = (buffer[: n * size].view(n, size) for buffer in workspace)
         model.shifted_logits(flat, start, start + size, inv_t, out=zt)  # [N, Vc] fp32
         chunk_best = zt.amax(dim=-1)
-        better = chunk_best > best  # strict: ties keep the earlier chunk, as argmax keeps the first index
+        better = chunk_best > running_max  # strict: ties keep the earlier chunk, as argmax keeps the first index
         if zt.is_cuda:  # no host sync per chunk
             best_id = torch.where(better, zt.argmax(dim=-1) + start, best_id)
         else:  # CPU index reductions cost 10x amax: index only the rows this chunk improved (few after the first)
             improved = better.nonzero().squeeze(-1)
             best_id[improved] = zt[improved].argmax(dim=-1) + start
-        best = torch.maximum(best, chunk_best)
         new_max = torch.maximum(running_max, chunk_best)
         rescale = torch.exp(running_max - new_max)
         # Moving the max from m to m' turns sum e (zt - m) into rescale * (sum e (zt - m) + (m - m') sum e).
