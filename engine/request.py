@@ -8,6 +8,18 @@ from dataclasses import dataclass, field, replace
 
 from models.config import GenerationDefaults
 
+# Each field of SamplingParams that None leaves to the checkpoint, and the GenerationDefaults field it takes.
+_DEFAULTS = {
+    "max_tokens": "max_new_tokens",
+    "stop_token_ids": "eos_token_ids",
+    "max_denoising_steps": "max_denoising_steps",
+    "entropy_bound": "entropy_bound",
+    "t_max": "t_max",
+    "t_min": "t_min",
+    "stability_threshold": "stability_threshold",
+    "confidence_threshold": "confidence_threshold",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -27,21 +39,9 @@ class SamplingParams:
 
     def resolve(self, defaults: GenerationDefaults, max_model_len: int, prompt_len: int) -> SamplingParams:
         """Fill unset fields from the checkpoint's defaults and check every value; raises ValueError."""
-        p = replace(
-            self,
-            max_tokens=defaults.max_new_tokens if self.max_tokens is None else self.max_tokens,
-            stop_token_ids=defaults.eos_token_ids if self.stop_token_ids is None else tuple(self.stop_token_ids),
-            max_denoising_steps=self.max_denoising_steps or defaults.max_denoising_steps,
-            entropy_bound=defaults.entropy_bound if self.entropy_bound is None else self.entropy_bound,
-            t_max=defaults.t_max if self.t_max is None else self.t_max,
-            t_min=defaults.t_min if self.t_min is None else self.t_min,
-            stability_threshold=(
-                defaults.stability_threshold if self.stability_threshold is None else self.stability_threshold
-            ),
-            confidence_threshold=(
-                defaults.confidence_threshold if self.confidence_threshold is None else self.confidence_threshold
-            ),
-        )
+        unset = {name: getattr(defaults, default) for name, default in _DEFAULTS.items() if getattr(self, name) is None}
+        p = replace(self, **unset)
+        p = replace(p, stop_token_ids=tuple(p.stop_token_ids))
         checks = [
             (p.max_tokens >= 1, f"max_tokens must be >= 1, got {p.max_tokens}"),
             (

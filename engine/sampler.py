@@ -169,7 +169,7 @@ def reference_step(
     proposal = torch.multinomial(probs.view(-1, vocab), num_samples=1).view(canvas.shape)
     argmax = torch.argmax(zt, dim=-1)
     entropy = torch.distributions.Categorical(logits=zt).entropy()
-    accept = accept_mask(entropy, torch.tensor([entropy_bound]))
+    accept = accept_mask(entropy, torch.tensor([entropy_bound], device=entropy.device))
     accepted = torch.where(accept, proposal, canvas)
     noise = torch.randint(0, vocab, canvas.shape, device=canvas.device)
     next_canvas = torch.where(~accept, noise, accepted)

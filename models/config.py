@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,26 @@ def _require(cfg: dict[str, Any], key: str, where: str) -> Any:
     return cfg[key]
 
 
+def _per_layer_overrides(per_layer: Any, layer_types: list[str]) -> dict[int, dict[str, Any]]:
+    """per_layer_config keyed by layer index. save_pretrained zero-pads the keys to the widest index present
+    ({"05": ..., "29": ...}), and transformers reads them back with int(), so keys are parsed, never looked up."""
+    if not isinstance(per_layer, dict):
+        raise ConfigError("text_config.per_layer_config must be an object keyed by layer index")
+    overrides: dict[int, dict[str, Any]] = {}
+    for key, override in per_layer.items():
+        if not re.fullmatch(r"[0-9]+", str(key)) or int(key) >= len(layer_types):
+            raise ConfigError(f"text_config.per_layer_config: {key!r} is not a layer index below {len(layer_types)}")
+        i = int(key)
+        if i in overrides:
+            raise ConfigError(f"text_config.per_layer_config: layer {i} appears twice")
+        if layer_types[i] != FULL:
+            raise ConfigError(f"text_config.per_layer_config: layer {i} ({key!r}) is {layer_types[i]!r}, not full")
+        if not isinstance(override, dict):
+            raise ConfigError(f"text_config.per_layer_config.{key} must be an object")
+        overrides[i] = override
+    return overrides
+
+
 def _layer_geometries(text: dict[str, Any]) -> tuple[LayerGeometry, ...]:
     num_layers = int(_require(text, "num_hidden_layers", "text_config"))
     layer_types = text.get("layer_types") or [SLIDING if (i + 1) % 6 else FULL for i in range(num_layers)]
@@ -96,12 +117,13 @@ def _layer_geometries(text: dict[str, Any]) -> tuple[LayerGeometry, ...]:
 
     # Full layers take their geometry from per_layer_config (written by save_pretrained) or, in the original
     # release form, from global_head_dim / num_global_key_value_heads (spec 1.2).
-    per_layer = text.get("per_layer_config")
-    if per_layer is None:
+    if text.get("per_layer_config") is None:
         full_override = {"head_dim": text.get("global_head_dim", 512)}
         if text.get("num_global_key_value_heads") is not None:
             full_override["num_key_value_heads"] = text["num_global_key_value_heads"]
-        per_layer = {str(i): full_override for i, t in enumerate(layer_types) if t == FULL}
+        per_layer = {i: full_override for i, t in enumerate(layer_types) if t == FULL}
+    else:
+        per_layer = _per_layer_overrides(text["per_layer_config"], layer_types)
 
     rope = text.get("rope_parameters") or {
         SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
@@ -120,7 +142,7 @@ def _layer_geometries(text: dict[str, Any]) -> tuple[LayerGeometry, ...]:
 
     geometries = []
     for i, layer_type in enumerate(layer_types):
-        override = per_layer.get(str(i), per_layer.get(i, {}))
+        override = per_layer.get(i, {})
         params = rope[layer_type]
         geometries.append(
             LayerGeometry(

@@ -170,7 +170,10 @@ class Experts(nn.Module):
         """x [T, H], weights/experts [T, K] -> [T, H]: sum_k w_k * expert_k(x), summed in fp32 (grouped_mm)."""
         num_tokens, top_k = experts.shape
         flat_experts = experts.reshape(-1)
-        order = torch.argsort(flat_experts, stable=True)  # (token, k) pairs grouped by expert
+        # (token, k) pairs grouped by expert with the reference's own (unstable) sort: CPU grouped_mm rounds a row by
+        # its place in the group, so another order inside a group changes the output by ~1e-7, enough over 30
+        # layers of top-8-of-128 routing for a token to pick other experts.
+        order = torch.sort(flat_experts).indices
         counts = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0])
         # Each pair's row in the (possibly padded) grouped layout.
         padded = (counts + self.row_alignment - 1) // self.row_alignment * self.row_alignment

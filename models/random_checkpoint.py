@@ -2,7 +2,8 @@
 
 config.json with `per_layer_config`, generation_config.json, safetensors under the real key names (optionally
 sharded with an index), and offline tokenizer files. Deterministic from a seed. The names below are the sizes the
-project uses: `tiny` for parity tests, `demo` for `dgserve serve` without weights, `bench` for benchmarks.
+project uses: `tiny` for parity tests, `demo` for `dgserve serve` without weights, `bench` for benchmarks, and
+`structure` for the real model's layer pattern, experts and head geometry at a tiny width.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ SIZES: dict[str, dict[str, Any]] = {
         top_k_experts=4, num_hidden_layers=6, layer_types=[S, S, S, S, S, F], num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1, sliding_window=1024,
         max_position_embeddings=32768, canvas_length=256, max_denoising_steps=48, max_new_tokens=256,
+    ),
+    # the real model's structure (spec 1: 30 layers 5:1, 128 experts top-8, 16 heads, KV 8/2, head dims 256/512,
+    # window 1024, the real vocabulary) at a tiny width: where loader and parity bugs of the real checkpoint show
+    "structure": dict(
+        vocab_size=262144, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=128,
+        top_k_experts=8, num_hidden_layers=30, layer_types=[S, S, S, S, S, F] * 5, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2, sliding_window=1024,
+        max_position_embeddings=131072, canvas_length=256, max_denoising_steps=48, max_new_tokens=256,
     ),
 }  # fmt: skip
 
@@ -89,10 +98,10 @@ def config_json(size: str) -> dict[str, Any]:
     for key in ("max_denoising_steps", "max_new_tokens"):
         text.pop(key)
     head_dim, kv_heads = text.pop("global_head_dim"), text.pop("num_global_key_value_heads")
+    full_layers = [i for i, layer_type in enumerate(text["layer_types"]) if layer_type == F]
+    width = len(str(max(full_layers)))  # save_pretrained zero-pads keys to the widest index: "05", ..., "29"
     text["per_layer_config"] = {
-        str(i): {"head_dim": head_dim, "num_key_value_heads": kv_heads}
-        for i, layer_type in enumerate(text["layer_types"])
-        if layer_type == F
+        str(i).zfill(width): {"head_dim": head_dim, "num_key_value_heads": kv_heads} for i in full_layers
     }
     text.update(
         attention_bias=False, attention_dropout=0.0, bos_token_id=2, eos_token_id=1, pad_token_id=0,

@@ -174,6 +174,8 @@ def test_admission_waits_for_memory_and_refuses_what_can_never_fit(tiny_checkpoi
     "params, message",
     [
         (SamplingParams(max_tokens=0), "max_tokens must be >= 1"),
+        (SamplingParams(max_denoising_steps=0), "max_denoising_steps must be >= 1, got 0"),  # not the default 48
+        (SamplingParams(stability_threshold=-1), "stability_threshold must be >= 0"),
         (SamplingParams(max_tokens=5000), "exceeds max_model_len"),
         (SamplingParams(entropy_bound=0), "entropy_bound must be > 0"),
         (SamplingParams(t_min=0.9, t_max=0.5), "t_min <= t_max"),

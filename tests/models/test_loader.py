@@ -83,6 +83,14 @@ def test_tied_and_shared_weights_are_held_once(tiny_checkpoint):
     assert num_params == on_disk - num_scalars
 
 
+def test_zero_padded_per_layer_keys_name_the_same_layers(tiny_checkpoint, tmp_path):
+    """save_pretrained pads keys to the widest index ("05" ... "29" at 30 layers): parsed as ints, not looked up."""
+    padded = copy_checkpoint(tiny_checkpoint, tmp_path / "padded")
+    edit_config(padded, lambda c: c["text_config"].update(
+        per_layer_config={f"{int(k):03d}": v for k, v in c["text_config"]["per_layer_config"].items()}))  # fmt: skip
+    assert load_config(padded) == load_config(tiny_checkpoint)
+
+
 def test_global_head_dim_form_equals_per_layer_config_form(tiny_checkpoint, tmp_path):
     def to_release_form(config):
         text = config["text_config"]
@@ -138,8 +146,23 @@ def test_corrupt_checkpoint_fails_at_load_naming_the_tensor(tiny_checkpoint, tmp
         (lambda c: c["text_config"].update(num_experts=None), "num_experts"),
         (lambda c: c["text_config"].update(layer_types=["sliding_attention"] * 4), "last layer"),
         (lambda c: c.update(tie_word_embeddings=False), "tie_word_embeddings"),
+        (lambda c: c["text_config"]["per_layer_config"].update(x={}), r"per_layer_config: 'x' is not a layer index"),
+        (lambda c: c["text_config"]["per_layer_config"].update({"4": {}}), "is not a layer index below 4"),
+        (lambda c: c["text_config"]["per_layer_config"].update({"0": {}}), r"layer 0 \('0'\) is 'sliding_attention'"),
+        (lambda c: c["text_config"]["per_layer_config"].update({"01": {}}), "layer 1 appears twice"),
     ],
-    ids=["model_type", "bidirectional_all", "missing_field", "no_experts", "last_layer_sliding", "untied"],
+    ids=[
+        "model_type",
+        "bidirectional_all",
+        "missing_field",
+        "no_experts",
+        "last_layer_sliding",
+        "untied",
+        "layer_key_not_an_index",
+        "layer_key_out_of_range",
+        "layer_key_names_a_sliding_layer",
+        "layer_key_twice",
+    ],
 )
 def test_unsupported_config_fails_naming_the_field(tiny_checkpoint, tmp_path, edit, message):
     broken = copy_checkpoint(tiny_checkpoint, tmp_path / "broken")

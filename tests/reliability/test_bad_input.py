@@ -266,6 +266,7 @@ REFUSED = [
     case(C, comp(presence_penalty=1e308), "invalid_request", "presence_penalty", id="penalty-1e308"),
     case(C, comp(temperature=3), "invalid_request", "temperature", id="temperature-3"),
     case(C, comp(diffusion={"steps": 10**9}), "invalid_request", "diffusion.steps", id="diffusion-steps-1e9"),
+    case(C, comp(diffusion={"steps": 0}), "invalid_request", "diffusion.steps", id="diffusion-steps-0"),
 ]
 # fmt: on
 

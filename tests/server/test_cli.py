@@ -52,6 +52,8 @@ def test_generate_applies_the_chat_template_and_prints_text(tiny_checkpoint):
 def test_generate_rejects_bad_parameters_with_a_clear_message(tiny_checkpoint):
     run = dgserve("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--max-tokens", "0")
     assert run.returncode != 0 and "max_tokens must be >= 1" in run.stderr
+    run = dgserve("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--steps", "0")
+    assert run.returncode != 0 and "max_denoising_steps must be >= 1, got 0" in run.stderr
 
 
 def test_write_checkpoint_then_generate_from_the_demo_cache(tmp_path):
