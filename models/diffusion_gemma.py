@@ -133,28 +133,46 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[experts], experts
 
 
-def _grouped_mm_ok(device: torch.device) -> bool:
-    # CPU runs grouped_mm as a per-expert loop; on CUDA the fast kernel needs sm90+ (spec 13), older GPUs loop here.
+# Dynamo would break the graph at get_device_capability; the answer is fixed by (device, dtype), which the
+# compiled graph's guards on its inputs already pin.
+@torch.compiler.assume_constant_result
+def _grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether F.grouped_mm is fast here. On CPU it is the reference's own kernel (bit parity). On CUDA only sm90 and
+    sm100 (major 9, 10) have its bf16 kernel; other GPUs (sm80-89, sm120/121: RTX 50xx, GB10), other dtypes and ROCm
+    run a per-expert loop that copies the offsets to the host (spec 13)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
     if device.type == "cpu":
-        return hasattr(F, "grouped_mm")
-    return device.type == "cuda" and hasattr(F, "grouped_mm") and torch.cuda.get_device_capability(device) >= (9, 0)
+        return True
+    return (
+        device.type == "cuda"
+        and torch.version.hip is None
+        and dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(device)[0] in (9, 10)
+    )
+
+
+@torch.library.custom_op("dgserve::grouped_mm", mutates_args=())
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x, weight, offs=offsets)
+
+
+@_grouped_mm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[-1])
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x [T, in] sorted by expert, rows offsets[e-1]:offsets[e] use weight[e] [out, in]; returns x @ weight[e].T."""
-    if _grouped_mm_ok(x.device):
-        return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    out = x.new_empty(x.shape[0], weight.shape[1])
-    start = 0
-    for e, end in enumerate(offsets.tolist()):
-        if end > start:
-            out[start:end] = x[start:end] @ weight[e].T
-        start = end
-    return out
+    """x [N, in] grouped by expert: rows offsets[e-1]:offsets[e] use weight[e] [out, in]; returns x @ weight[e].T.
+    Rows from offsets[-1] on are not computed (their output is undefined). An opaque op to torch.compile, whose own
+    grouped_mm takes bf16 only, so that fp32 compiles with the same kernel as eager."""
+    return _grouped_mm(x, weight.mT, offsets)
 
 
 class Experts(nn.Module):
-    """Packed experts: gate_up_proj [E, 2I, H] (gate rows first, then up), down_proj [E, H, I] (spec 2.3)."""
+    """Packed experts: gate_up_proj [E, 2I, H] (gate rows first, then up), down_proj [E, H, I] (spec 2.3).
+
+    The forward has static shapes and no host syncs (CUDA graphs, torch.compile fullgraph)."""
 
     def __init__(self, config: ModelConfig, row_alignment: int = 1) -> None:
         super().__init__()
@@ -169,25 +187,47 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/experts [T, K] -> [T, H]: sum_k w_k * expert_k(x), summed in fp32 (grouped_mm)."""
         num_tokens, top_k = experts.shape
-        flat_experts = experts.reshape(-1)
-        # (token, k) pairs grouped by expert with the reference's own (unstable) sort: CPU grouped_mm rounds a row by
-        # its place in the group, so another order inside a group changes the output by ~1e-7, enough over 30
-        # layers of top-8-of-128 routing for a token to pick other experts.
-        order = torch.sort(flat_experts).indices
-        counts = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0])
-        # Each pair's row in the (possibly padded) grouped layout.
-        padded = (counts + self.row_alignment - 1) // self.row_alignment * self.row_alignment
-        group_start = torch.cumsum(padded, 0) - padded - (torch.cumsum(counts, 0) - counts)
-        slot = torch.arange(order.numel(), device=x.device) + group_start[flat_experts[order]]
+        pair_outputs = self._grouped if _grouped_mm_ok(x.device, x.dtype) else self._every_expert
+        y = pair_outputs(x, experts) * weights.reshape(-1, 1)  # fp32 from here on
+        return y.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+
+    def _grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """[T*K, H]: expert_k(x_t) for every (token, k) pair in pair order, by grouped_mm over rows sorted by expert."""
+        num_experts, top_k, align = self.gate_up_proj.shape[0], experts.shape[1], self.row_alignment
+        # Pairs grouped by expert with the reference's own (unstable) sort: CPU grouped_mm rounds a row by its place
+        # in the group, so another order inside a group changes the output by ~1e-7, enough over 30 layers of
+        # top-8-of-128 routing for a token to pick other experts.
+        sorted_experts, order = torch.sort(experts.reshape(-1))
+        ids = torch.arange(num_experts, device=x.device, dtype=sorted_experts.dtype)
+        group_start = torch.searchsorted(sorted_experts, ids)  # each expert's first place in the sorted order
+        counts = torch.searchsorted(sorted_experts, ids, right=True) - group_start
+        padded = (counts + align - 1) // align * align
         offsets = torch.cumsum(padded, dim=0, dtype=torch.int32)
-        rows = x.new_zeros(int(padded.sum()), x.shape[-1])
-        rows[slot] = x[order // top_k]
+        # A pair's row: its sorted place, moved past the padding of the groups before its own; then in pair order.
+        sorted_row = torch.arange(order.numel(), device=x.device) + (offsets - padded - group_start)[sorted_experts]
+        row = torch.empty_like(sorted_row).index_copy_(0, order, sorted_row)
+        # Padding adds at most align-1 rows per group, so a fixed T*K + E*(align-1) rows always fit (static shape).
+        rows = x.new_zeros(order.numel() + num_experts * (align - 1), x.shape[-1])
+        rows.index_copy_(0, row, x.repeat_interleave(top_k, dim=0))
         gate, up = grouped_linear(rows, self.gate_up_proj, offsets).chunk(2, dim=-1)
-        y = grouped_linear(F.gelu(gate, approximate="tanh") * up, self.down_proj, offsets)[slot]  # [T*K, H]
-        y = y * weights.reshape(-1)[order, None]  # fp32 from here on
-        unsorted = torch.empty_like(y)
-        unsorted[order] = y
-        return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+        return grouped_linear(F.gelu(gate, approximate="tanh") * up, self.down_proj, offsets).index_select(0, row)
+
+    def _every_expert(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """[T*K, H] like _grouped, where grouped_mm is slow: every expert runs on every token (one GEMM, one batched
+        GEMM) and each pair takes its (expert, token) row.
+
+        This is the per-expert layout with a static capacity of T rows, without the scatter. No smaller capacity is
+        safe (any T tokens may pick one expert), and a token routed twice to an expert reads the same row, where
+        scattered pairs would need T*K. It costs E/K times the useful FLOPs (16x for top-8 of 128) and [E, T, 2I] +
+        [E, T, H] of workspace, but reads each weight once, as grouped_mm does, so it stays near the weight-bound
+        cost while T is below the GPU's FLOPs per byte (about 150 tokens on an A100). Tiles of one expert each
+        instead would copy a weight per tile."""
+        num_experts, num_tokens = self.gate_up_proj.shape[0], x.shape[0]
+        gate_up = F.linear(x, self.gate_up_proj.flatten(0, 1)).unflatten(-1, (num_experts, -1)).transpose(0, 1)
+        gate, up = gate_up.chunk(2, dim=-1)  # [E, T, I]
+        y = torch.bmm(F.gelu(gate, approximate="tanh") * up, self.down_proj.mT)  # [E, T, H]
+        cell = experts * num_tokens + torch.arange(num_tokens, device=x.device)[:, None]
+        return y.flatten(0, 1).index_select(0, cell.reshape(-1))
 
 
 class Layer(nn.Module):
