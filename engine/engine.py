@@ -9,7 +9,6 @@ import time
 import torch
 
 from engine.config import EngineConfig
-from engine.kv_cache import KVBudget
 from engine.model_runner import ModelRunner
 from engine.request import BlockCommitted, EngineEvent, Finished, FinishReason, SamplingParams, StepStats, Usage
 from engine.scheduler import Scheduler
@@ -44,9 +43,9 @@ class Engine:
         )
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         budget = config.kv_budget_bytes or int(free_memory_bytes(device) * config.kv_budget_fraction)
-        self.runner = ModelRunner(self.model, self.model_config, config)
+        self.runner = ModelRunner(self.model, self.model_config, config, budget)
         self.scheduler = Scheduler(
-            KVBudget(budget),
+            self.runner.budget,
             config.max_num_seqs,
             config.max_waiting,
             self.runner.kv_bytes,

@@ -1,119 +1,253 @@
-"""Per-sequence KV memory and the attention each batched pass runs over it (spec 4.2-4.3, 5).
+"""All sequences' KV memory, allocated once, and the attention each pass runs over it (spec 4.2-4.3, 5).
 
-Each sequence owns its cache, so attention runs sequence by sequence over exactly that sequence's keys: no padding
-enters a softmax, and a sequence's numbers do not depend on what else is in the batch. Full layers live in one
-buffer sized at admission (prefix + the canvas being denoised); sliding layers keep the last W-1 slots.
+Full layers keep every committed token in a pool of pages of `page_size` tokens, shared by all sequences through
+per-sequence page lists (whole committed canvases are whole pages, which is what prefix sharing will reuse). Page 0
+is never handed out: table entries past a sequence's pages point at it, and rows that are not denoising write their
+canvas there. Sliding layers keep, per sequence slot, a ring of the last W-1 tokens (position p at p mod (W-1))
+followed by the canvas being denoised, so a step writes in place and never concatenates.
+
+The denoising step is one masked attention call per layer over every row of a bucket of slots: a row's valid keys
+sit at the same indices whatever else is in the batch (prefix, then canvas, for full layers), and CPU attention
+over extra fully masked keys gives the same bits (measured), so rows stay batch-invariant. Reference mode instead
+slices each row's exact keys in the reference's order and calls SDPA as the reference does (spec 9.4).
 """
 
 from __future__ import annotations
 
+import heapq
+import math
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from models.config import ModelConfig
 from models.kv_cache import Attend, causal_mask, sdpa
 
 
-class SequenceKV:
-    """One sequence's cache. Slots [0, length) are committed; full-layer slots past that are canvas scratch."""
-
-    def __init__(self, config: ModelConfig, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.config, self.length, self.capacity = config, 0, capacity
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        for g in config.layers:
-            shape = (g.num_kv_heads, 0 if g.is_sliding else capacity, g.head_dim)
-            self.keys.append(torch.empty(shape, device=device, dtype=dtype))
-            self.values.append(torch.empty(shape, device=device, dtype=dtype))
-
-    @staticmethod
-    def num_bytes(config: ModelConfig, capacity: int, dtype: torch.dtype) -> int:
-        """What a sequence of this capacity holds at most (K and V, all layers)."""
-        element = torch.empty((), dtype=dtype).element_size()
-        slots = [min(capacity, config.sliding_window - 1) if g.is_sliding else capacity for g in config.layers]
-        return sum(2 * g.num_kv_heads * g.head_dim * n * element for g, n in zip(config.layers, slots, strict=True))
-
-    def with_new(self, layer: int, k: torch.Tensor, v: torch.Tensor, commit: bool) -> tuple[torch.Tensor, ...]:
-        """Keys and values [kv, length + n, d] = held slots + the new ones; `commit` keeps them for later passes."""
-        n = k.shape[1]
-        if not self.config.layers[layer].is_sliding:
-            if self.length + n > self.capacity:
-                raise RuntimeError(f"sequence KV capacity {self.capacity} exceeded")
-            # Canvas K/V go to the scratch tail too: no copy of the prefix per denoising step.
-            self.keys[layer][:, self.length : self.length + n] = k
-            self.values[layer][:, self.length : self.length + n] = v
-            return self.keys[layer][:, : self.length + n], self.values[layer][:, : self.length + n]
-        keys, values = torch.cat([self.keys[layer], k], dim=1), torch.cat([self.values[layer], v], dim=1)
-        if commit:
-            keep = self.config.sliding_window - 1
-            self.keys[layer], self.values[layer] = keys[:, -keep:].clone(), values[:, -keep:].clone()
-        return keys, values
-
-
 class KVBudget:
-    """Byte accounting of all sequences' KV memory against the budget fixed at start."""
+    """Host bookkeeping of the page pool and the sequence slots: which pages and which slot each sequence holds."""
 
-    def __init__(self, total_bytes: int) -> None:
-        self.total_bytes, self.used_bytes = total_bytes, 0
+    def __init__(self, num_pages: int, page_bytes: int, num_slots: int) -> None:
+        self.num_pages, self.page_bytes, self.num_slots = num_pages, page_bytes, num_slots
+        self._free_pages = list(range(num_pages, 0, -1))  # popped from the end: low pages first
+        self._free_slots = list(range(num_slots))  # a heap: the lowest free slot keeps the batch bucket small
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return (self.num_pages - len(self._free_pages)) * self.page_bytes
 
     def can_allocate(self, num_bytes: int) -> bool:
-        return self.used_bytes + num_bytes <= self.total_bytes
+        return bool(self._free_slots) and num_bytes // self.page_bytes <= len(self._free_pages)
 
-    def allocate(self, num_bytes: int) -> None:
+    def allocate(self, num_bytes: int) -> tuple[int, list[int]]:
+        """A slot and num_bytes / page_bytes pages."""
         if not self.can_allocate(num_bytes):
             raise RuntimeError("KV budget exceeded")
-        self.used_bytes += num_bytes
+        pages = [self._free_pages.pop() for _ in range(num_bytes // self.page_bytes)]
+        return heapq.heappop(self._free_slots), pages
 
-    def free(self, num_bytes: int) -> None:
-        self.used_bytes -= num_bytes
+    def free(self, slot: int, pages: list[int]) -> None:
+        heapq.heappush(self._free_slots, slot)
+        self._free_pages.extend(reversed(pages))
 
 
-def encoder_attention(sequences: list[SequenceKV], starts: list[int], lengths: list[int]) -> Attend:
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """Sizes of the pool: what a page and a slot cost, fixed by the model config and the page size."""
+
+    config: ModelConfig
+    page_size: int
+    element_size: int
+
+    @property
+    def page_bytes(self) -> int:
+        full = [g for g in self.config.layers if not g.is_sliding]
+        return sum(2 * g.num_kv_heads * self.page_size * g.head_dim * self.element_size for g in full)
+
+    @property
+    def ring_length(self) -> int:
+        return self.config.sliding_window - 1 + self.config.canvas_length
+
+    @property
+    def slot_bytes(self) -> int:
+        sliding = [g for g in self.config.layers if g.is_sliding]
+        return sum(2 * g.num_kv_heads * self.ring_length * g.head_dim * self.element_size for g in sliding)
+
+    def pages_for(self, capacity: int) -> int:
+        return math.ceil(capacity / self.page_size)
+
+
+class KVPool:
+    """The KV tensors: full layers [pages + 1, kv, P, d], sliding layers [slots, kv, W - 1 + C, d]."""
+
+    def __init__(self, layout: KVLayout, num_slots: int, num_pages: int, device: torch.device, dtype: torch.dtype):
+        self.layout, self.config = layout, layout.config
+        self.window = self.config.sliding_window - 1  # slots a sliding layer holds
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for g in self.config.layers:
+            if g.is_sliding:  # zeros: keys a row has not written yet are masked, and must be finite under the mask
+                shape = (num_slots, g.num_kv_heads, layout.ring_length, g.head_dim)
+                self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
+                self.values.append(torch.zeros(shape, device=device, dtype=dtype))
+            else:  # pages are zeroed when handed out (`clear`), so the pool's memory is touched only as it is used
+                shape = (num_pages + 1, g.num_kv_heads, layout.page_size, g.head_dim)
+                self.keys.append(torch.empty(shape, device=device, dtype=dtype))
+                self.values.append(torch.empty(shape, device=device, dtype=dtype))
+                self.keys[-1][0], self.values[-1][0] = 0, 0
+        self.device = device
+
+    def clear(self, pages: list[int]) -> None:
+        index = torch.tensor(pages, device=self.device)
+        for layer, g in enumerate(self.config.layers):
+            if not g.is_sliding:
+                self.keys[layer].index_fill_(0, index, 0)
+                self.values[layer].index_fill_(0, index, 0)
+
+    def token_index(self, pages: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page, offset) on the host of a sequence's positions [start, end) in the full-layer pool."""
+        positions = torch.arange(start, end)
+        return torch.tensor(pages)[positions // self.layout.page_size], positions % self.layout.page_size
+
+    def full_keys(self, layer: int, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, kv, n * P, d] of page table rows [B, n], in position order."""
+        return tuple(pool[table].transpose(1, 2).flatten(2, 3) for pool in (self.keys[layer], self.values[layer]))
+
+    def held_sliding(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sequence's last min(length, W-1) sliding keys and values [kv, n, d], in position order."""
+        index = torch.arange(max(0, length - self.window), length, device=self.device) % self.window
+        return self.keys[layer][slot][:, index], self.values[layer][slot][:, index]
+
+
+def encoder_attention(pool: KVPool, seqs: list, starts: list[int], lengths: list[int]) -> Attend:
     """Causal attention for a flattened batch [1, T]: sequence i's new tokens are [starts[i], starts[i] + lengths[i]).
 
-    Tokens outside every segment are alignment padding: not stored, output zero. Call `commit_encoded` afterwards.
+    Runs sequence by sequence over exactly its keys (the encoder is not the step's bottleneck) and stores the new
+    keys and values. Tokens outside every segment are alignment padding: not stored, output zero.
     """
-    config = sequences[0].config
-    masks = []
-    for seq, n in zip(sequences, lengths, strict=True):
-        queries = torch.arange(seq.length, seq.length + n, device=seq.keys[0].device)[None]
-        held_sliding = min(seq.length, config.sliding_window - 1)
-        masks.append(
-            {
-                False: causal_mask(torch.arange(seq.length + n, device=queries.device)[None], queries, None),
-                True: causal_mask(
-                    torch.arange(seq.length - held_sliding, seq.length + n, device=queries.device)[None],
-                    queries,
-                    config.sliding_window,
-                ),
-            }
+    config, window = pool.config, pool.window
+    plans = []
+    for seq, n in zip(seqs, lengths, strict=True):
+        queries = torch.arange(seq.length, seq.length + n, device=pool.device)[None]
+        held = min(seq.length, window)
+        plans.append(
+            (
+                tuple(t.to(pool.device) for t in pool.token_index(seq.pages, seq.length, seq.length + n)),
+                torch.arange(seq.length + max(0, n - window), seq.length + n, device=pool.device) % window,
+                {
+                    False: causal_mask(torch.arange(seq.length + n, device=pool.device)[None], queries, None),
+                    True: causal_mask(
+                        torch.arange(seq.length - held, seq.length + n, device=pool.device)[None], queries, window + 1
+                    ),
+                },
+            )
         )
 
     def attend(layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         out = None if q is None else torch.zeros_like(q)
         sliding = config.layers[layer].is_sliding
-        for seq, mask, start, n in zip(sequences, masks, starts, lengths, strict=True):
-            keys, values = seq.with_new(layer, k[0, :, start : start + n], v[0, :, start : start + n], commit=True)
+        for seq, (index, ring_index, masks), start, n in zip(seqs, plans, starts, lengths, strict=True):
+            new_k, new_v = k[0, :, start : start + n], v[0, :, start : start + n]
+            if sliding:
+                held_k, held_v = pool.held_sliding(layer, seq.slot, seq.length)
+                keys, values = torch.cat([held_k, new_k], dim=1), torch.cat([held_v, new_v], dim=1)
+                keep = slice(n - ring_index.numel(), n)  # a chunk longer than the window keeps its last W-1
+                pool.keys[layer][seq.slot][:, ring_index] = new_k[:, keep]
+                pool.values[layer][seq.slot][:, ring_index] = new_v[:, keep]
+            else:
+                pool.keys[layer][index[0], :, index[1]] = new_k.transpose(0, 1)
+                pool.values[layer][index[0], :, index[1]] = new_v.transpose(0, 1)
+                keys, values = pool.full_keys(layer, torch.tensor([seq.pages], device=pool.device))
+                keys, values = keys[0, :, : seq.length + n], values[0, :, : seq.length + n]
             if out is not None:
-                out[:, :, start : start + n] = sdpa(q[:, :, start : start + n], keys[None], values[None], mask[sliding])
+                out[:, :, start : start + n] = sdpa(
+                    q[:, :, start : start + n], keys[None], values[None], masks[sliding]
+                )
         return out
 
     return attend
 
 
-def commit_encoded(sequences: list[SequenceKV], lengths: list[int]) -> None:
-    """Advance each sequence past the tokens an encoder pass just stored."""
-    for seq, n in zip(sequences, lengths, strict=True):
-        seq.length += n
+@dataclass(slots=True)
+class DecoderBatch:
+    """Where each row of a step's bucket of slots reads and writes: built on the host once per step."""
+
+    table: torch.Tensor  # [B, n] pages of each row (0 past its pages)
+    canvas_page: torch.Tensor  # [B, C] page and offset of each canvas position (page 0 for rows not denoising)
+    canvas_offset: torch.Tensor  # [B, C]
+    full_valid: torch.Tensor  # [B, 1, 1, n * P] bool: prefix and canvas keys of full layers
+    sliding_valid: torch.Tensor  # [B, 1, 1, W - 1 + C] bool: held ring slots and the canvas
 
 
-def decoder_attention(sequences: list[SequenceKV]) -> Attend:
-    """Bidirectional attention of canvas row i [C] over sequence i's held slots plus the canvas; writes nothing."""
+def decoder_batch(pool: KVPool, rows: list, canvas_length: int) -> DecoderBatch:
+    """rows[i] is the sequence in slot i, or None for a slot that is idle or still encoding. Built in Python lists
+    and copied once per tensor: the host work does not grow torch ops with the batch."""
+    page_size, window = pool.layout.page_size, pool.window
+    num_pages = max((len(s.pages) for s in rows if s is not None), default=1)
+    table, canvas_page, canvas_offset, lengths = [], [], [], []
+    for seq in rows:
+        pages, length = (seq.pages, seq.length) if seq is not None else ([0], 0)
+        table.append(pages + [0] * (num_pages - len(pages)))
+        positions = range(length, length + canvas_length)
+        canvas_page.append([pages[p // page_size] if seq is not None else 0 for p in positions])
+        canvas_offset.append([p % page_size for p in positions])
+        lengths.append(length)
+    to = pool.device
+    lengths = torch.tensor(lengths).to(to)
+    full = torch.arange(num_pages * page_size, device=to) < (lengths + canvas_length)[:, None]
+    ring = torch.arange(window + canvas_length, device=to)
+    sliding = (ring < lengths.clamp(max=window)[:, None]) | (ring >= window)
+    return DecoderBatch(
+        *(torch.tensor(x).to(to) for x in (table, canvas_page, canvas_offset)),
+        full[:, None, None],
+        sliding[:, None, None],
+    )
+
+
+def decoder_attention(pool: KVPool, batch: DecoderBatch) -> Attend:
+    """Bidirectional attention of canvas rows [B, C] over their held keys plus the canvas, one call per layer.
+
+    Grouped-query heads attend as [B, kv, groups * C, d] against [B, kv, n, d]: K/V are never repeated.
+    """
+    rows = batch.table.shape[0]
 
     def attend(layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-        rows = []
-        for i, seq in enumerate(sequences):
-            keys, values = seq.with_new(layer, k[i], v[i], commit=False)
-            rows.append(sdpa(q[i : i + 1], keys[None], values[None], None))
-        return torch.cat(rows)
+        if pool.config.layers[layer].is_sliding:
+            window = pool.window
+            pool.keys[layer][:rows, :, window:] = k
+            pool.values[layer][:rows, :, window:] = v
+            keys, values, valid = pool.keys[layer][:rows], pool.values[layer][:rows], batch.sliding_valid
+        else:
+            pool.keys[layer][batch.canvas_page, :, batch.canvas_offset] = k.transpose(1, 2)
+            pool.values[layer][batch.canvas_page, :, batch.canvas_offset] = v.transpose(1, 2)
+            (keys, values), valid = pool.full_keys(layer, batch.table), batch.full_valid
+        b, heads, length, d = q.shape
+        grouped = q.reshape(b, keys.shape[1], -1, d)  # head j uses KV head j // groups
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=valid, scale=1.0)
+        return out.view(b, heads, length, d)
+
+    return attend
+
+
+def reference_decoder_attention(pool: KVPool, seq, canvas_length: int) -> Attend:
+    """One row, its exact keys in the reference's order, SDPA called as the reference calls it (spec 9.4)."""
+    index = [t.to(pool.device) for t in pool.token_index(seq.pages, seq.length, seq.length + canvas_length)]
+    table = torch.tensor([seq.pages], device=pool.device)
+
+    def attend(layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        if pool.config.layers[layer].is_sliding:
+            held_k, held_v = pool.held_sliding(layer, seq.slot, seq.length)
+            keys, values = torch.cat([held_k, k[0]], dim=1), torch.cat([held_v, v[0]], dim=1)
+        else:
+            pool.keys[layer][index[0], :, index[1]] = k[0].transpose(0, 1)
+            pool.values[layer][index[0], :, index[1]] = v[0].transpose(0, 1)
+            keys, values = pool.full_keys(layer, table)
+            keys, values = keys[0, :, : seq.length + canvas_length], values[0, :, : seq.length + canvas_length]
+        return sdpa(q, keys[None], values[None], None)
 
     return attend

@@ -1,5 +1,8 @@
-"""Tensors for the engine: per-sequence KV memory and generators, the batched encoder pass, and one denoising step
-(decoder forward + sampler) over every running canvas. Makes no scheduling decisions.
+"""Tensors for the engine: the KV pool and the canvas state, the batched encoder pass, and one denoising step
+(decoder forward + sampler) over a bucket of slots. Makes no scheduling decisions.
+
+A step's inputs are built on the host from the sequences' counters and copied to the device once; its outputs come
+back in one device-to-host copy (the argmax canvases and the stop flags). Nothing in between waits on the device.
 """
 
 from __future__ import annotations
@@ -9,9 +12,19 @@ import time
 
 import torch
 
+from engine import noise
+from engine.canvas import CanvasState
 from engine.config import EngineConfig
-from engine.kv_cache import SequenceKV, commit_encoded, decoder_attention, encoder_attention
-from engine.sampler import StepResult, fast_step, initial_canvas, reference_step, schedule_temperature
+from engine.kv_cache import (
+    KVBudget,
+    KVLayout,
+    KVPool,
+    decoder_attention,
+    decoder_batch,
+    encoder_attention,
+    reference_decoder_attention,
+)
+from engine.sampler import fast_step, reference_step, schedule_temperature
 from engine.sequence import Sequence, kv_capacity
 from models.config import ModelConfig
 from models.diffusion_gemma import DiffusionGemma
@@ -21,11 +34,27 @@ from models.diffusion_gemma import DiffusionGemma
 TOKEN_ALIGNMENT = 4
 
 
+def bucket_size(rows: int, max_rows: int) -> int:
+    """The step's row count: the next power of two, so that few shapes are ever compiled or captured."""
+    return min(max_rows, 1 << (rows - 1).bit_length())
+
+
 class ModelRunner:
-    def __init__(self, model: DiffusionGemma, config: ModelConfig, engine_config: EngineConfig) -> None:
+    def __init__(self, model: DiffusionGemma, config: ModelConfig, engine_config: EngineConfig, budget: int) -> None:
         self.model, self.config, self.engine_config = model, config, engine_config
         self.device, self.dtype = engine_config.torch_device, engine_config.torch_dtype
         self.reference = engine_config.reference_mode
+        slots = engine_config.max_num_seqs
+        self.layout = KVLayout(config, config.canvas_length, torch.empty((), dtype=self.dtype).element_size())
+        num_pages = (budget - slots * self.layout.slot_bytes) // self.layout.page_bytes
+        if num_pages < 1:
+            raise ValueError(
+                f"a KV budget of {budget / 2**20:.1f} MiB cannot hold the sliding windows of {slots} sequences "
+                f"({slots * self.layout.slot_bytes / 2**20:.1f} MiB) and one page; raise it or lower max_num_seqs"
+            )
+        self.budget = KVBudget(num_pages, self.layout.page_bytes, slots)
+        self.pool = KVPool(self.layout, slots, num_pages, self.device, self.dtype)
+        self.canvases = CanvasState(slots, config.canvas_length, config.hidden_size, self.device, self.dtype)
         self.num_forwards = 0
         self.fault = None
         if engine_config.fault_injection:
@@ -36,13 +65,14 @@ class ModelRunner:
         return self.kv_bytes_for(len(seq.prompt_ids), seq.params.max_tokens)
 
     def kv_bytes_for(self, prompt_len: int, max_tokens: int) -> int:
-        """KV bytes a request of this shape is charged (prompt + whole canvases)."""
+        """KV bytes a request of this shape is charged: the pages of its prompt and whole canvases."""
         capacity = kv_capacity(prompt_len, max_tokens, self.config.canvas_length)
-        return SequenceKV.num_bytes(self.config, capacity, self.dtype)
+        return self.layout.pages_for(capacity) * self.layout.page_bytes
 
     def allocate(self, seq: Sequence) -> None:
-        """KV memory and the random stream of a newly admitted sequence."""
-        seq.kv = SequenceKV(self.config, seq.kv_capacity, self.device, self.dtype)
+        """Zero a newly admitted sequence's pages and fix its random stream."""
+        self.pool.clear(seq.pages)
+        seq.length = 0
         seed = seq.params.seed
         if self.reference:
             if seed is not None:
@@ -51,7 +81,7 @@ class ModelRunner:
         if seed is None:
             # temperature 0 is deterministic: a fixed seed also fixes the renoising draws.
             seed = 0 if seq.params.temperature == 0 else secrets.randbits(63)
-        seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+        seq.seed = seed
 
     @torch.inference_mode()
     def encode(self, work: list[tuple[Sequence, int]]) -> int:
@@ -68,25 +98,30 @@ class ModelRunner:
         positions = torch.zeros(1, total, dtype=torch.long)
         for seq, start, n in zip(seqs, starts, lengths, strict=True):
             ids[0, start : start + n] = torch.tensor(seq.to_encode[:n])
-            positions[0, start : start + n] = torch.arange(seq.kv.length, seq.kv.length + n)
-        kvs = [s.kv for s in seqs]
-        self.model.encode(ids.to(self.device), positions.to(self.device), encoder_attention(kvs, starts, lengths))
-        commit_encoded(kvs, lengths)
+            positions[0, start : start + n] = torch.arange(seq.length, seq.length + n)
+        attend = encoder_attention(self.pool, seqs, starts, lengths)
+        self.model.encode(ids.to(self.device), positions.to(self.device), attend)
         for seq, n in work:
+            seq.length += n
             seq.to_encode = seq.to_encode[n:]
             if not seq.to_encode:
                 self._start_canvas(seq)
         return sum(lengths)
 
     def _start_canvas(self, seq: Sequence) -> None:
-        c = self.config.canvas_length
-        seq.canvas = initial_canvas(c, self.config.vocab_size, seq.generator, self.device)
-        seq.history = torch.full((seq.params.stability_threshold, c), -1, dtype=torch.long, device=self.device)
-        seq.soft_embeds, seq.canvas_steps = None, 0
+        c, vocab = self.config.canvas_length, self.config.vocab_size
+        if self.reference:  # the global generator, shape [1, C] as generate() draws it
+            canvas = torch.randint(0, vocab, (1, c), device=self.device)[0]
+        else:
+            key = noise.step_key(*(torch.tensor([x], device=self.device) for x in (seq.seed, seq.num_canvases, 0)))
+            canvas = noise.initial_canvas(key, c, vocab)[0]
+        self.canvases.start(seq.slot, canvas)
+        seq.canvas_steps = 0
 
     @torch.inference_mode()
     def denoise(self, seqs: list[Sequence]) -> tuple[list[list[int]], list[bool], float, float]:
-        """One denoising step for each sequence: returns argmax canvases, stop flags, forward and sampler seconds."""
+        """One denoising step for each sequence: returns argmax canvases, stop flags, forward and sampler seconds
+        (host time: on CUDA the split is of queueing, and the final copy waits for both)."""
         c = self.config.canvas_length
         t0 = time.perf_counter()
         self.num_forwards += 1
@@ -94,53 +129,84 @@ class ModelRunner:
             if self.fault[0] == "oom":
                 raise torch.OutOfMemoryError("injected out-of-memory fault")
             raise SystemError("injected fatal fault")
-        canvas = torch.stack([s.canvas for s in seqs])
-        positions = torch.stack([torch.arange(s.kv.length, s.kv.length + c, device=self.device) for s in seqs])
-        soft = None
-        if any(s.soft_embeds is not None for s in seqs):
-            # A zero soft embedding is exactly the first step's "no SC" input (spec 5, step 2).
-            zeros = torch.zeros(c, self.config.hidden_size, dtype=self.dtype, device=self.device)
-            soft = torch.stack([zeros if s.soft_embeds is None else s.soft_embeds for s in seqs])
-        hidden = self.model.denoise(canvas, positions, decoder_attention([s.kv for s in seqs]), soft)
-        self._sync()
-        t1 = time.perf_counter()
-        result = self._sample(seqs, hidden, canvas)
-        stopped = self._update_canvases(seqs, result)
-        argmax = result.argmax.tolist()
-        self._sync()
-        return argmax, stopped, t1 - t0, time.perf_counter() - t1
-
-    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor, canvas: torch.Tensor) -> StepResult:
-        temps = [
-            schedule_temperature(s.steps_left, s.params.t_min, s.params.t_max, s.params.max_denoising_steps)
-            for s in seqs
-        ]
+        rows: list[Sequence | None] = [None] * bucket_size(max(s.slot for s in seqs) + 1, self.budget.num_slots)
+        for seq in seqs:
+            rows[seq.slot] = seq
+        inputs = self._step_inputs(rows)
+        positions = inputs["length"][:, None] + torch.arange(c, device=self.device)
         if self.reference:
-            return reference_step(self.model, hidden, canvas, temps[0], seqs[0].params.entropy_bound)
-        return fast_step(
-            self.model,
-            hidden,
-            canvas,
-            torch.stack(temps),
-            [s.params.temperature for s in seqs],
-            torch.tensor([s.params.entropy_bound for s in seqs]),
-            [s.generator for s in seqs],
-            self.engine_config.sampler_chunk,
+            attend = reference_decoder_attention(self.pool, seqs[0], c)
+        else:
+            attend = decoder_attention(self.pool, decoder_batch(self.pool, rows, c))
+        # A zero SC input is exactly "none" (spec 5, step 2); when every row starts a canvas the SC MLP is skipped.
+        soft = self.canvases.soft[: len(rows)] if any(s.canvas_steps for s in seqs) else None
+        hidden = self.model.denoise(self.canvases.canvas[: len(rows)], positions, attend, soft)
+        t1 = time.perf_counter()
+        if self.reference:
+            result = reference_step(
+                self.model, hidden, self.canvases.canvas[:1], inputs["temperature"][0], seqs[0].params.entropy_bound
+            )
+        else:
+            result = fast_step(
+                self.model,
+                hidden,
+                inputs["temperature"],
+                inputs["proposal_factor"],
+                inputs["entropy_bound"],
+                noise.step_key(inputs["seed"], inputs["canvas"], inputs["step"]),
+                self.engine_config.sampler_chunk,
+                scaled_proposals=any(s.params.temperature not in (0.0, 1.0) for s in seqs),
+            )
+        stopped = self.canvases.update(
+            result, inputs["denoising"], inputs["stability_threshold"], inputs["confidence_threshold"]
         )
+        # The step's one device-to-host copy: every row's argmax canvas and its stop flag.
+        out = torch.cat([self.canvases.argmax[: len(rows)], stopped[:, None].long()], dim=1).cpu().tolist()
+        t2 = time.perf_counter()
+        return [out[s.slot][:c] for s in seqs], [bool(out[s.slot][c]) for s in seqs], t1 - t0, t2 - t1
 
-    def _update_canvases(self, seqs: list[Sequence], result: StepResult) -> list[bool]:
-        """Store each row's next canvas and SC input; stop a canvas when stable and confident (spec 6.2)."""
-        stopped = []
-        for i, seq in enumerate(seqs):
-            argmax = result.argmax[i]
-            stable = bool((seq.history == argmax).all()) if seq.params.stability_threshold else True
-            if seq.params.stability_threshold:
-                seq.history = torch.cat([seq.history[1:], argmax[None]])
-            confident = bool(result.mean_entropy[i] < seq.params.confidence_threshold)
-            stopped.append(stable and confident)
-            seq.canvas, seq.soft_embeds = result.canvas[i], result.soft_embeds[i]
-        return stopped
+    def _temperature(self, seq: Sequence) -> float:
+        """The schedule (spec 6.2): reference mode computes it with the reference's own fp32 tensor arithmetic."""
+        p = seq.params
+        if self.reference:
+            return float(schedule_temperature(seq.steps_left, p.t_min, p.t_max, p.max_denoising_steps))
+        return p.t_min + (p.t_max - p.t_min) * seq.steps_left / p.max_denoising_steps
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _step_inputs(self, rows: list[Sequence | None]) -> dict[str, torch.Tensor]:
+        """Per-row step parameters from the host counters, in one host-to-device copy each; idle rows get inert
+        values."""
+        columns: dict[str, list] = {name: [] for name in _STEP_INPUTS}
+        for seq in rows:
+            p = seq.params if seq is not None else None
+            values = {
+                "denoising": seq is not None,
+                "length": seq.length if seq else 0,
+                "temperature": self._temperature(seq) if seq else 1.0,
+                "proposal_factor": p.temperature if seq else 1.0,
+                "entropy_bound": p.entropy_bound if seq else 1.0,
+                "stability_threshold": p.stability_threshold if seq else 0,
+                "confidence_threshold": p.confidence_threshold if seq else 0.0,
+                "seed": seq.seed if seq else 0,
+                "canvas": seq.num_canvases if seq else 0,
+                "step": seq.canvas_steps + 1 if seq else 0,
+            }
+            for name, value in values.items():
+                columns[name].append(value)
+        return {
+            name: torch.tensor(columns[name], dtype=dtype).to(self.device, non_blocking=True)
+            for name, dtype in _STEP_INPUTS.items()
+        }
+
+
+_STEP_INPUTS = {
+    "denoising": torch.bool,
+    "length": torch.long,
+    "temperature": torch.float32,
+    "proposal_factor": torch.float32,
+    "entropy_bound": torch.float32,
+    "stability_threshold": torch.long,
+    "confidence_threshold": torch.float32,
+    "seed": torch.long,
+    "canvas": torch.long,
+    "step": torch.long,
+}

@@ -1,12 +1,29 @@
 """One entropy-bound denoising step (spec 6.2): proposals, acceptance, renoising, stopping signals, SC input.
 
 `fast_step` streams over vocabulary chunks and never holds a [rows, C, V] tensor: softcap, temperature, argmax,
-entropy and the self-conditioning soft embedding come out of one online-softmax pass. Workspace per row is two
-[C, vocab_chunk] fp32 buffers (4 MiB at C = 256 and the CPU chunk of 2048; 16 MiB at 8192) plus [C, H]
-accumulators, whatever V is. Per chunk that is two GEMMs (LM head, SC) and eight elementwise or row passes.
-Proposals are drawn hierarchically (a vocabulary chunk by its mass, then a token inside it), which is an exact draw
-from softmax at one uniform per position plus one small multinomial, instead of V Exp(1) draws per position.
-Every draw comes from the row's own generator, so a seeded request samples the same tokens in any batch.
+entropy, proposals and the self-conditioning soft embedding come out of one online-softmax pass. Workspace per row
+is two [C, vocab_chunk] fp32 buffers (three with scaled proposals; 4 MiB each at C = 256 and the CPU chunk of 2048)
+plus [C, H] accumulators, whatever V is. It has no per-row Python work and no op that syncs with the host or sizes
+its output from data, so one graph serves every batch: it compiles with fullgraph and can be captured by CUDA graphs.
+
+Proposals are exact draws from softmax(zt / f), drawn hierarchically without data-dependent shapes:
+* Each chunk is split into blocks of at most 64 ids. Inside the loop, every chunk draws a candidate by inverse CDF
+  over its block masses (a block) and then over that block's values (a token): two searchsorted calls on
+  [N, chunk / block] and [N, block] cumulative sums, on values the softmax pass already has in memory.
+* After the loop one chunk is picked per position by inverse CDF over the chunk masses, rescaled to the final
+  running max, and its candidate is the proposal: P(v) = P(chunk) P(v | chunk) = (w_c / W) (e_v / w_c) = e_v / W.
+Only the picked chunk's candidate is used, so every chunk's candidate may reuse the same two uniforms, which are
+independent of the chunk's: three counter-based uniforms per position and step (engine/noise.py), whatever V.
+The alternatives cost more on CPU, where this pass bounds the step: a Gumbel-max/exponential race needs V hashed
+uniforms per position (67 M per row-step at V = 262,144) and a reservoir over chunks a full-chunk cumsum per chunk
+(one more pass over V, 14x a sum on CPU); the block sums above replace the sum the entropy needs anyway, at about
+1.5x its cost. The argmax likewise reduces block maxima and then the winning block: an index reduction over a whole
+chunk costs 10x a max reduction on CPU, and the old CPU trick (index only the rows a chunk improved) needs nonzero.
+Per chunk that is two GEMMs (LM head, SC), eight passes over the chunk and ~30 ops on [N, chunk / 64] or smaller
+tensors.
+
+Tokens are a function of (logits, key, vocab_chunk): a seeded request gets the same tokens alone and in any batch
+wherever the forward is batch-invariant (CPU). Rows never read each other's noise, on any device.
 
 `reference_step` repeats transformers' generate() op for op on the global generator (spec 6.3), for one row.
 """
@@ -17,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.noise import PROPOSAL, RENOISE, random_ids, uniform
 from models.diffusion_gemma import DiffusionGemma
 
 
@@ -43,112 +61,116 @@ def accept_mask(entropy: torch.Tensor, entropy_bound: torch.Tensor) -> torch.Ten
     return torch.scatter(torch.zeros_like(selected), -1, order, selected)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: compiling an inference_mode function fails outside inference mode
 def fast_step(
     model: DiffusionGemma,
     hidden: torch.Tensor,  # [R, C, H] final-normed decoder output
-    canvas: torch.Tensor,  # [R, C] this step's input canvas
     temperature: torch.Tensor,  # [R] fp32 schedule temperature
-    proposal_factor: list[float],  # per row: 1 = sample at the schedule temperature, 0 = argmax
-    entropy_bound: torch.Tensor,  # [R]
-    generators: list[torch.Generator],
+    proposal_factor: torch.Tensor,  # [R] fp32: proposals at temperature * factor; 0 proposes the argmax
+    entropy_bound: torch.Tensor,  # [R] fp32
+    noise_key: torch.Tensor,  # [R] int64, noise.step_key(seed, canvas_index, step)
     vocab_chunk: int,
+    scaled_proposals: bool,  # some factor is not 0 or 1: proposals need their own exp pass
 ) -> StepResult:
     weight = model.embed_tokens.weight  # [V, H]
     vocab = weight.shape[0]
     rows, length, width = hidden.shape
     n = rows * length  # every (row, position) is one softmax
     flat = hidden.reshape(n, width)
-    inv_t = 1 / temperature.to(hidden.device).repeat_interleave(length)[:, None]  # [N, 1]
-    # zt below is the shifted zt = (softcap(z) + cap) / T >= 0: the same softmax, entropy and argmax as softcap(z) / T.
-    running_max = torch.zeros(n, device=hidden.device)  # 0 bounds every shifted max from below
-    sum_exp = torch.zeros(n, device=hidden.device)
-    sum_exp_d = torch.zeros_like(sum_exp)  # sum of exp(zt - max) * (zt - max): the entropy's mean, near 0 for precision
-    best_id = torch.zeros(n, dtype=torch.long, device=hidden.device)  # where running_max was first reached
+
+    def per_position(x: torch.Tensor) -> torch.Tensor:  # [R] -> [N, 1]
+        return x[:, None].expand(rows, length).contiguous().view(n, 1)  # a copy for any R: the same ops
+
+    inv_t = per_position(1 / temperature)
+    # A factor-0 row samples at factor 1, which keeps it finite; its proposal is the argmax.
+    inv_f = per_position(1 / torch.where(proposal_factor == 0, 1, proposal_factor))
+    u_chunk, u_block, u_token = uniform(noise_key, PROPOSAL, (length, 3)).view(n, 3).split(1, -1)
+    position = torch.arange(n, device=hidden.device)[:, None]  # [N, 1]
+    # Per position [N, 1]. zt below is the shifted zt = (softcap(z) + cap) / T >= 0: the same softmax, entropy and
+    # argmax as softcap(z) / T.
+    running_max = torch.zeros(n, 1, device=hidden.device)  # 0 bounds every shifted max from below
+    sum_exp = torch.zeros_like(running_max)
+    sum_exp_d = torch.zeros_like(running_max)  # sum of exp(zt - max) * (zt - max): near 0 for precision
+    best_id = torch.zeros(n, 1, dtype=torch.long, device=hidden.device)  # where running_max was first reached
     soft = torch.zeros(n, width, device=hidden.device)  # sum of exp(zt - max) * E[v]
-    chunk_mass = []  # [N] log-mass of each chunk under the proposal distribution
-    # The two workspaces are reused for every chunk: fresh vocab-sized allocations cost page faults and memory.
-    workspace = torch.empty(2, n * min(vocab_chunk, vocab), device=hidden.device)
+    candidates, masses, maxima = [], [], []  # per chunk: its draw, its proposal mass, the max that mass is scaled by
+    # The workspaces are reused for every chunk: fresh vocab-sized allocations cost page faults and memory.
+    workspace = torch.empty(3 if scaled_proposals else 2, n * min(vocab_chunk, vocab), device=hidden.device)
     for start in range(0, vocab, vocab_chunk):
         size = min(vocab_chunk, vocab - start)
-        zt, e = (buffer[: n * size].view(n, size) for buffer in workspace)
+        block = next(b for b in range(min(_BLOCK, size), 0, -1) if size % b == 0)
+        zt, e, *scaled = (buffer[: n * size].view(n, size) for buffer in workspace)
+        first_block = position * (size // block)  # of each row in buffer.view(-1, block)
         model.shifted_logits(flat, start, start + size, inv_t, out=zt)  # [N, Vc] fp32
-        chunk_best = zt.amax(dim=-1)
+        chunk_best, best_block = zt.view(n, -1, block).amax(-1).max(-1, keepdim=True)  # the first block on ties
+        chunk_best_id = _block_of(zt, first_block + best_block, block).argmax(-1, keepdim=True)
         better = chunk_best > running_max  # strict: ties keep the earlier chunk, as argmax keeps the first index
-        if zt.is_cuda:  # no host sync per chunk
-            best_id = torch.where(better, zt.argmax(dim=-1) + start, best_id)
-        else:  # CPU index reductions cost 10x amax: index only the rows this chunk improved (few after the first)
-            improved = better.nonzero().squeeze(-1)
-            best_id[improved] = zt[improved].argmax(dim=-1) + start
+        best_id = torch.where(better, chunk_best_id.add_(best_block, alpha=block).add_(start), best_id)
         new_max = torch.maximum(running_max, chunk_best)
-        rescale = torch.exp(running_max - new_max)
+        shift = running_max - new_max
+        rescale = torch.exp(shift)
         # Moving the max from m to m' turns sum e (zt - m) into rescale * (sum e (zt - m) + (m - m') sum e).
-        sum_exp_d = rescale * (sum_exp_d + (running_max - new_max) * sum_exp)
-        d = zt.sub_(new_max[:, None])
+        sum_exp_d = rescale * (sum_exp_d + shift * sum_exp)
+        d = zt.sub_(new_max)
         torch.exp(d, out=e)
-        chunk_sum = e.sum(-1)
-        chunk_mass.append(_proposal_chunk_mass(d.view(rows, length, size), new_max, chunk_sum, proposal_factor))
-        sum_exp = sum_exp * rescale + chunk_sum
-        sum_exp_d += d.mul_(e).sum(-1)  # in place: d is spent
-        soft.mul_(rescale[:, None]).addmm_(e, weight[start : start + size].float())
+        block_cdf = e.view(n, -1, block).sum(-1).cumsum(-1)
+        if scaled_proposals:  # exp((zt - m) / f): at f = 1 the same bits as e, so such rows match the other branch
+            p = torch.mul(d, inv_f, out=scaled[0]).exp_()
+            p_cdf = p.view(n, -1, block).sum(-1).cumsum(-1)
+        else:
+            p, p_cdf = e, block_cdf
+        # A candidate per chunk from p: a block by its mass, then a token of that block (chunk-local ids).
+        picked = _search(p_cdf, u_block)
+        in_block = _search(_block_of(p, first_block + picked, block).cumsum(-1), u_token)
+        candidates.append(in_block.add_(picked, alpha=block))
+        masses.append(p_cdf[:, -1:])
+        maxima.append(new_max)
+        sum_exp = sum_exp * rescale + block_cdf[:, -1:]
+        sum_exp_d += d.mul_(e).sum(-1, keepdim=True)  # in place: d is spent
+        _accumulate_soft(soft.mul_(rescale), e, weight[start : start + size])
         running_max = new_max
     entropy = (torch.log(sum_exp) - sum_exp_d / sum_exp).view(rows, length)  # -sum p log p with p = softmax(zt)
     best_id = best_id.view(rows, length)
-    accept = accept_mask(entropy, entropy_bound.to(hidden.device))
-    chunk_mass = torch.stack(chunk_mass, dim=-1).view(rows, length, -1)  # [R, C, num_chunks]
+    accept = accept_mask(entropy, entropy_bound)
 
-    # Acceptance depends on the entropies alone, so only accepted positions need a proposal; the rest is renoised.
-    next_canvas = torch.empty_like(canvas)
-    for r, gen in enumerate(generators):
-        accepted = accept[r].nonzero().squeeze(-1)
-        if proposal_factor[r] == 0:
-            proposal = best_id[r, accepted]
-        else:
-            temperature_r = temperature[r] * proposal_factor[r]
-            proposal = _draw(model, hidden[r, accepted], chunk_mass[r, accepted], temperature_r, gen, vocab_chunk)
-        noise = torch.randint(0, vocab, (length,), generator=gen, device=gen.device).to(canvas.device)
-        next_canvas[r] = noise.index_put_((accepted,), proposal)
-    soft_embeds = (soft / sum_exp[:, None]).view(rows, length, width).to(weight.dtype)
+    # Chunk masses under the final max: each was scaled by exp(-max / f) with the max as its chunk left it.
+    chunk_cdf = torch.cumsum(torch.cat(masses, -1) * torch.exp((torch.cat(maxima, -1) - running_max) * inv_f), -1)
+    chunk = _search(chunk_cdf, u_chunk)
+    sampled = torch.cat(candidates, -1).gather(1, chunk) + chunk * vocab_chunk
+    proposal = torch.where((proposal_factor == 0)[:, None], best_id, sampled.view(rows, length))
+    renoise = random_ids(noise_key, RENOISE, length, vocab)
+    next_canvas = torch.where(accept, proposal, renoise)
+    soft_embeds = (soft / sum_exp).view(rows, length, width).to(weight.dtype)
     soft_embeds = soft_embeds * model.embed_scale.to(weight.dtype)
     return StepResult(next_canvas, best_id, entropy.mean(-1), soft_embeds)
 
 
-def _proposal_chunk_mass(
-    d: torch.Tensor, row_max: torch.Tensor, chunk_sum: torch.Tensor, proposal_factor: list[float]
-) -> torch.Tensor:
-    """[N] log sum over the chunk of exp(zt / factor), from d = zt - row_max [R, C, Vc]: at factor 1 it falls out of
-    the softmax pass."""
-    mass = row_max + torch.log(chunk_sum)
-    length = d.shape[1]
-    for r, factor in enumerate(proposal_factor):
-        if factor not in (0.0, 1.0):
-            rows = slice(r * length, (r + 1) * length)
-            mass[rows] = row_max[rows] / factor + torch.logsumexp(d[r] / factor, dim=-1)
-    return mass
+_BLOCK = 64  # the most ids per block of a chunk: the two draws inside a chunk search chunk / 64 and 64 values
 
 
-def _draw(
-    model: DiffusionGemma,
-    hidden: torch.Tensor,  # [P, H] positions of one row
-    chunk_mass: torch.Tensor,  # [P, num_chunks]
-    temperature: torch.Tensor,  # scalar: the proposal temperature
-    gen: torch.Generator,
-    vocab_chunk: int,
-) -> torch.Tensor:
-    """An exact sample per position from softmax(z / temperature): a chunk by its mass, then a token within it."""
-    length = hidden.shape[0]
-    u = torch.rand(length, 1, generator=gen, device=gen.device).to(chunk_mass.device)
-    cdf = torch.cumsum(torch.softmax(chunk_mass, dim=-1), dim=-1)
-    chunk = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)  # [C]
-    tokens = torch.empty(length, dtype=torch.long, device=hidden.device)
-    for c in torch.unique(chunk).tolist():  # ascending, so the draw order is fixed
-        rows = (chunk == c).nonzero().squeeze(-1)
-        start = c * vocab_chunk
-        z = model.logits(hidden[rows], start, start + vocab_chunk) / temperature
-        probs = torch.softmax(z, dim=-1)
-        picked = torch.multinomial(probs.to(gen.device), 1, generator=gen).squeeze(-1).to(hidden.device)
-        tokens[rows] = picked + start
-    return tokens
+def _block_of(x: torch.Tensor, flat_block: torch.Tensor, block: int) -> torch.Tensor:
+    """[N, block] rows flat_block [N, 1] of x.view(-1, block): index_select, 5x faster than gather on CPU."""
+    return x.view(-1, block).index_select(0, flat_block.view(-1))
+
+
+def _search(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[N, 1] inverse CDF index for uniforms u [N, 1] over unnormalised cumulative sums cdf [N, K].
+
+    right=True never picks a zero-mass entry; the clamp gives the last entry u * total == total (a rounding case).
+    """
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+
+
+def _accumulate_soft(soft: torch.Tensor, e: torch.Tensor, weight: torch.Tensor) -> None:
+    """soft [N, H] fp32 += e [N, Vc] @ weight [Vc, H].
+
+    Off CPU with bf16 (or fp16) weights: a tensor-core GEMM of e rounded to the weight dtype with fp32 accumulation
+    and output, as the reference's bf16 SC GEMM (spec P3) without copying the chunk of E to fp32. On CPU fp32 math.
+    """
+    if weight.dtype == torch.float32 or weight.device.type == "cpu":
+        soft.addmm_(e, weight.float())
+    else:
+        soft.add_(torch.mm(e.to(weight.dtype), weight, out_dtype=torch.float32))
 
 
 @torch.inference_mode()
@@ -175,10 +197,3 @@ def reference_step(
     next_canvas = torch.where(~accept, noise, accepted)
     sc_logits = zt.to(model.embed_tokens.weight.dtype)
     return StepResult(next_canvas, argmax, entropy.mean(-1), model.sc_embedding(sc_logits))
-
-
-def initial_canvas(length: int, vocab: int, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """A canvas of uniform random ids over the whole vocabulary, specials included (spec P14)."""
-    if gen is None:  # reference mode: the global generator, shape [1, C] as generate() draws it
-        return torch.randint(0, vocab, (1, length), device=device)[0]
-    return torch.randint(0, vocab, (length,), generator=gen, device=gen.device).to(device)

@@ -62,7 +62,7 @@ class Scheduler:
             and self.budget.can_allocate(self.waiting[0].kv_bytes)
         ):
             seq = self.waiting.popleft()
-            self.budget.allocate(seq.kv_bytes)
+            seq.slot, seq.pages = self.budget.allocate(seq.kv_bytes)
             seq.status, seq.to_encode = Status.RUNNING, list(seq.prompt_ids)
             self.running.append(seq)
             admitted.append(seq)
@@ -89,9 +89,8 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.budget.free(seq.kv_bytes)
-        seq.kv, seq.canvas, seq.history, seq.soft_embeds = None, None, None, None
-        seq.status = Status.FINISHED
+        self.budget.free(seq.slot, seq.pages)
+        seq.slot, seq.pages, seq.status = -1, [], Status.FINISHED
 
     def after_step(self, seqs: list[Sequence], argmax: list[list[int]], stopped: list[bool]) -> list[EngineEvent]:
         """Count the step; finish canvases that stopped or ran out of steps; emit drafts, blocks and finishes."""

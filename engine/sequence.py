@@ -1,4 +1,5 @@
-"""A request's life inside the engine: its prefix, its KV memory and the canvas it is denoising."""
+"""A request's life inside the engine: its prefix, where its KV memory is, and its counters. No tensors here:
+the canvas lives in the engine's slot-indexed canvas state."""
 
 from __future__ import annotations
 
@@ -6,9 +7,6 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-import torch
-
-from engine.kv_cache import SequenceKV
 from engine.request import SamplingParams
 
 
@@ -30,14 +28,13 @@ class Sequence:
     params: SamplingParams  # resolved: no None fields
     canvas_length: int
     status: Status = Status.WAITING
-    generator: torch.Generator | None = None  # None in reference mode: the global generator
-    kv: SequenceKV | None = None
+    seed: int = 0  # keys this sequence's noise (fast mode); reference mode draws from the global generator
+    # KV memory: a slot (its sliding-window ring and its row of the canvas state) and full-layer pages.
+    slot: int = -1
+    pages: list[int] = field(default_factory=list)
     kv_bytes: int = 0
+    length: int = 0  # tokens in the cache
     to_encode: list[int] = field(default_factory=list)  # the prompt, then each finished canvas to commit
-    # The canvas being denoised (runner-owned tensors).
-    canvas: torch.Tensor | None = None  # [C] ids
-    history: torch.Tensor | None = None  # [S, C] last S argmax canvases, -1 before the first
-    soft_embeds: torch.Tensor | None = None  # [C, H] self-conditioning input, None on the first step
     canvas_steps: int = 0
     # Totals for usage.
     num_output_tokens: int = 0

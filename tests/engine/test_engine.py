@@ -154,8 +154,10 @@ def test_abort_frees_the_slot_and_memory_before_the_next_iteration(engine):
 
 
 def test_admission_waits_for_memory_and_refuses_what_can_never_fit(tiny_checkpoint):
-    # One tiny sequence of 10 + 2 x 32 slots needs 45,568 bytes (spec 4.3 layout at fp32): the budget holds one.
-    small = Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=60_000, max_num_seqs=2, max_waiting=0))
+    # At fp32 two slots' sliding windows take 2 x 24,064 bytes and a page (32 tokens) 16,384: four pages. One tiny
+    # sequence of 10 + 2 x 32 slots needs three of them, so the budget holds one.
+    small = Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=2 * 24_064 + 4 * 16_384, max_num_seqs=2,
+                                max_waiting=0))  # fmt: skip
     params = SamplingParams(max_tokens=64, max_denoising_steps=2)
     small.add_request("first", prompt(10, 1), params)
     small.add_request("second", prompt(10, 2), params)
@@ -168,6 +170,11 @@ def test_admission_waits_for_memory_and_refuses_what_can_never_fit(tiny_checkpoi
     while small.has_unfinished():
         small.step()
     assert small.scheduler.budget.used_bytes == 0
+
+
+def test_a_budget_too_small_for_the_sliding_windows_fails_at_start(tiny_checkpoint):
+    with pytest.raises(ValueError, match="cannot hold the sliding windows of 2 sequences"):
+        Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=2 * 24_064, max_num_seqs=2))
 
 
 @pytest.mark.parametrize(
@@ -197,30 +204,53 @@ def test_invalid_prompts_are_clear_errors(engine):
 
 
 def test_a_sequence_computes_bit_identical_numbers_alone_or_in_any_batch(engine):
-    """Stronger than equal tokens: KV, SC input and next canvas match to the bit across random batch mixes.
+    """Stronger than equal tokens: every step's argmax canvas and the final canvas state match to the bit across
+    random batch mixes, in buckets of 1, 2 and 4 slots and whatever slot the sequence lands in.
 
     Fails without the token and expert-group alignment (CPU GEMMs round small row counts differently).
     """
-    runner, c = engine.runner, engine.model_config.canvas_length
+    params = SamplingParams(max_tokens=32, max_denoising_steps=3, stability_threshold=4, seed=7, stream_drafts=True)
 
-    def one_step(prompts: list[list[int]]) -> Sequence:
-        seqs = [Sequence(f"s{i}", p, SamplingParams(seed=i).resolve(engine.generation_defaults, 4096, len(p)), c)
-                for i, p in enumerate(prompts)]  # fmt: skip
-        for seq in seqs:
-            runner.allocate(seq)
-            seq.to_encode = list(seq.prompt_ids)
-        runner.encode([(seq, len(seq.prompt_ids)) for seq in seqs])
-        runner.denoise(seqs)
-        runner.denoise(seqs)  # the second step runs self-conditioning
-        return seqs[0]
+    def run(companions: list[list[int]], first: bool) -> tuple[list, torch.Tensor]:
+        target = prompt(13, 99)
+        requests = {f"c{i}": (p, SamplingParams(max_tokens=64, seed=i)) for i, p in enumerate(companions)}
+        requests = {"x": (target, params), **requests} if first else {**requests, "x": (target, params)}
+        for request_id, (ids, p) in requests.items():
+            engine.add_request(request_id, ids, p)
+        drafts, soft = [], None
+        while any(s.request_id == "x" for s in (*engine.scheduler.waiting, *engine.scheduler.running)):
+            x = next(s for s in (*engine.scheduler.waiting, *engine.scheduler.running) if s.request_id == "x")
+            events, _ = engine.step()
+            drafts += [e.token_ids for e in events if isinstance(e, Draft) and e.request_id == "x"]
+            if x.canvas_steps == 2:  # mid-canvas: the SC input the next step reads
+                soft = engine.runner.canvases.soft[x.slot].clone()
+        for request_id in requests:
+            engine.abort(request_id)
+        engine.step()
+        return drafts, soft
 
-    for trial in range(8):
+    alone = run([], True)
+    assert len(alone[0]) == 3
+    for trial in range(6):
         gen = torch.Generator().manual_seed(trial)
-        prompts = [prompt(n, 50 + trial * 4 + i) for i, n in enumerate(torch.randint(1, 40, (4,), generator=gen))]
-        alone, batched = one_step(prompts[:1]), one_step(prompts)
-        assert torch.equal(alone.kv.keys[1][:, : alone.kv.length], batched.kv.keys[1][:, : batched.kv.length])
-        assert torch.equal(alone.soft_embeds, batched.soft_embeds), f"trial {trial}"
-        assert torch.equal(alone.canvas, batched.canvas), f"trial {trial}"
+        companions = [
+            prompt(int(n), 50 + trial * 4 + i) for i, n in enumerate(torch.randint(1, 40, (trial % 4,), generator=gen))
+        ]
+        drafts, soft = run(companions, first=trial % 2 == 0)
+        assert drafts == alone[0], f"trial {trial}"
+        assert torch.equal(soft, alone[1]), f"trial {trial}"
+
+
+def cached(engine: Engine, seq: Sequence) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A sequence's cached keys and values per layer [kv, n, d] in position order (sliding layers: the last W-1)."""
+    pool, table = engine.runner.pool, torch.tensor([seq.pages])
+    out = []
+    for layer, g in enumerate(engine.model_config.layers):
+        if g.is_sliding:
+            out.append(tuple(t.clone() for t in pool.held_sliding(layer, seq.slot, seq.length)))
+        else:
+            out.append(tuple(t[0, :, : seq.length].clone() for t in pool.full_keys(layer, table)))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -237,14 +267,14 @@ def test_a_long_prompt_prefills_in_chunks_while_others_keep_denoising(engine, ch
     assert [(s.num_encode_tokens, s.num_denoise_rows) for s in stats] == [(16, 1), (16, 1), (8, 2)]
     long = next(s for s in chunked_engine.scheduler.running if s.request_id == "long")
     # The chunked cache equals a one-pass prefill up to rounding (attention reductions run over other lengths).
-    whole = Sequence("whole", prompt(40, 2), long.params, engine.model_config.canvas_length)
-    engine.runner.allocate(whole)
-    whole.to_encode = list(whole.prompt_ids)
-    engine.runner.encode([(whole, 40)])
-    for layer in range(engine.model_config.num_layers):
-        held = whole.kv.keys[layer].shape[1] if engine.model_config.layers[layer].is_sliding else 40
-        torch.testing.assert_close(long.kv.keys[layer][:, :held], whole.kv.keys[layer][:, :held])
-        torch.testing.assert_close(long.kv.values[layer][:, :held], whole.kv.values[layer][:, :held])
+    engine.add_request("whole", prompt(40, 2), SamplingParams(max_tokens=32, seed=3))
+    engine.step()
+    whole = next(s for s in engine.scheduler.running if s.request_id == "whole")
+    for (chunk_k, chunk_v), (whole_k, whole_v) in zip(cached(chunked_engine, long), cached(engine, whole), strict=True):
+        torch.testing.assert_close(chunk_k, whole_k)
+        torch.testing.assert_close(chunk_v, whole_v)
+    engine.abort("whole")
+    engine.step()
     chunked_engine.abort("running")
     chunked_engine.abort("long")
     chunked_engine.step()
@@ -257,9 +287,9 @@ def test_chunked_prefill_keeps_a_sequence_bit_identical_alone_or_in_a_batch(chun
         for request_id, (ids, params) in requests.items():
             chunked_engine.add_request(request_id, ids, params)
         x = next(s for s in chunked_engine.scheduler.waiting if s.request_id == "x")
-        while x.kv is None or x.to_encode:
+        while x.slot < 0 or x.to_encode:
             chunked_engine.step()
-        keys = [k[:, : x.kv.length].clone() for k in x.kv.keys]
+        keys = [t for kv in cached(chunked_engine, x) for t in kv]
         for request_id in requests:
             chunked_engine.abort(request_id)
         chunked_engine.step()
