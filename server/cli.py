@@ -131,6 +131,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     from engine.async_engine import AsyncEngine
     from server.app import LOCAL_HOSTS, ServerConfig, create_app
+    from server.connections import ConnectionGuard, ConnectionLimits
     from server.lifecycle import DrainingServer, ServerState
     from server.metrics import Metrics
     from server.text import Tokenizer
@@ -174,7 +175,20 @@ def _serve(args: argparse.Namespace) -> None:
         "-d '{\"model\": \"%s\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'",
         url, url, auth, name,
     )  # fmt: skip
-    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    limits = ConnectionLimits(
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        body_min_rate=args.body_min_rate,
+        keep_alive_timeout=args.keep_alive_timeout,
+        send_timeout=args.send_timeout,
+        send_buffer=args.send_buffer,
+        max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
+        max_body_bytes=config.max_body_bytes,
+    )
+    # ws="none": no WebSocket routes, and an upgrade would take the connection out of the guard's hands.
+    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5,
+                                    http=ConnectionGuard(limits, metrics).protocol, ws="none")  # fmt: skip
     DrainingServer(uvicorn_config, state, engine, args.drain_timeout).run()
 
 
@@ -207,6 +221,56 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         type=float,
         default=float(_env("DRAIN_TIMEOUT", "30")),
         help="on SIGTERM, seconds in-flight requests get to finish before they are failed",
+    )
+    group = serve.add_argument_group("connection limits (slow or stalled clients)")
+    group.add_argument(
+        "--header-timeout",
+        type=float,
+        default=float(_env("HEADER_TIMEOUT", "5")),
+        help="seconds for a request's headers to arrive, from its first byte (or the connection's opening)",
+    )
+    group.add_argument(
+        "--body-timeout",
+        type=float,
+        default=float(_env("BODY_TIMEOUT", "10")),
+        help="seconds for a request body to arrive, plus 1 s per --body-min-rate bytes it declares; then 408",
+    )
+    group.add_argument(
+        "--body-min-rate",
+        type=int,
+        default=int(_env("BODY_MIN_RATE", str(64 * 2**10))),
+        help="bytes per second a client may send its body as slowly as",
+    )
+    group.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=float(_env("KEEP_ALIVE_TIMEOUT", "5")),
+        help="seconds an idle keep-alive connection stays open",
+    )
+    group.add_argument(
+        "--send-timeout",
+        type=float,
+        default=float(_env("SEND_TIMEOUT", "30")),
+        help="seconds a client may leave the server's writes blocked (not reading a stream) before it is cut off",
+    )
+    group.add_argument(
+        "--send-buffer",
+        type=int,
+        default=int(_env("SEND_BUFFER", str(128 * 2**10))),
+        help="bytes a connection may have waiting to be sent (in the kernel, and again in the server) before its "
+        "writes block",
+    )
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=int(_env("MAX_CONNECTIONS", "512")),
+        help="open connections at most; more are answered 503 with Retry-After at once",
+    )
+    group.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=int(_env("MAX_CONNECTIONS_PER_CLIENT", "128")),
+        help="open connections per client IP address at most (0: no such cap, e.g. behind a proxy)",
     )
     serve.add_argument(
         "--allowed-hosts",

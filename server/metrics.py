@@ -1,4 +1,5 @@
-"""Prometheus metrics (the only prometheus_client import): requests, tokens, latencies, engine steps, memory."""
+"""Prometheus metrics (the only prometheus_client import): requests, tokens, latencies, engine steps, memory,
+connections."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 3
 _STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 _TPF = (0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+# What server/connections.py closes (or refuses) a connection for.
+CONNECTION_LIMITS = ("header_timeout", "body_timeout", "keep_alive_timeout", "send_timeout", "max_connections",
+                     "max_connections_per_client")  # fmt: skip
 
 
 class Metrics:
@@ -51,6 +55,19 @@ class Metrics:
         self.waiting = Gauge("dgserve_num_requests_waiting", "Sequences waiting for admission", registry=registry)
         self.kv_used = Gauge("dgserve_kv_cache_used_bytes", "KV memory charged to sequences", registry=registry)
         self.kv_budget = Gauge("dgserve_kv_cache_budget_bytes", "KV memory budget", registry=registry)
+        self.open_connections = Gauge("dgserve_open_connections", "HTTP connections open", registry=registry)
+        self.connections_closed = Counter(
+            "dgserve_connections_closed", "Connections closed or refused by a limit", ["limit"], registry=registry
+        )
+        for limit in CONNECTION_LIMITS:
+            self.connections_closed.labels(limit=limit)
+        self.stream_queued_events = Gauge(
+            "dgserve_stream_queued_events", "Engine events waiting for their responses to send them", registry=registry
+        )
+        self.drafts_dropped = Counter(
+            "dgserve_stream_drafts_dropped", "Drafts replaced by a newer one before a slow client got them",
+            registry=registry,
+        )  # fmt: skip
         info = Gauge("dgserve_model_info", "The served model", ["model_name"], registry=registry)
         info.labels(model_name=model_name).set(1)
         self._recent: deque[tuple[float, int]] = deque()

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,12 +183,12 @@ class Serving:
 
     async def _events(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, EngineEvent]]:
         """All choices' events as they come; cancelling the consumer cancels (and so aborts) every choice."""
-        merged: asyncio.Queue[tuple[int, EngineEvent | None]] = asyncio.Queue()
+        merged = _EventBuffer(self.metrics)
 
         async def pump(i: int, stream: RequestStream) -> None:
             async for event in stream:
-                await merged.put((i, event))
-            await merged.put((i, None))
+                merged.put(i, event)
+            merged.put(i, None)
 
         tasks = {i: asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)}
         try:
@@ -202,6 +203,7 @@ class Serving:
         finally:
             for task in tasks.values():
                 task.cancel()
+            merged.clear()
 
     def _apply(self, job: Job, choice: Choice, event: EngineEvent) -> tuple[str, str]:
         """Fold an event into a choice; returns the (content, reasoning) text it adds."""
@@ -328,6 +330,46 @@ class Serving:
             self.metrics.e2e_latency.observe(time.monotonic() - job.arrival)
         finally:
             await events.aclose()
+
+
+class _EventBuffer:
+    """A request's events, merged over its choices, until its response takes them. The pumps empty the engine's
+    queues as events come, so what a slow client leaves unread waits here, bounded: a newer draft replaces its
+    choice's draft still waiting (each is the whole canvas). Committed events are never dropped; they are bounded
+    by max_tokens and by the send timeout that cuts off a client that stops reading (server/connections.py)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._items: deque[tuple[int, EngineEvent | None]] = deque()
+        self._drafts: dict[int, tuple[int, EngineEvent | None]] = {}  # each choice's draft still in _items
+        self._ready = asyncio.Event()
+        self._metrics = metrics
+
+    def put(self, i: int, event: EngineEvent | None) -> None:
+        item = (i, event)
+        if isinstance(event, Draft):
+            if (stale := self._drafts.get(i)) is not None:
+                self._items.remove(stale)  # the choice's only draft queued: no other item equals it
+                self._metrics.drafts_dropped.inc()
+                self._metrics.stream_queued_events.dec()
+            self._drafts[i] = item
+        self._items.append(item)
+        self._metrics.stream_queued_events.inc()
+        self._ready.set()
+
+    async def get(self) -> tuple[int, EngineEvent | None]:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        self._metrics.stream_queued_events.dec()
+        if self._drafts.get(item[0]) is item:
+            del self._drafts[item[0]]
+        return item
+
+    def clear(self) -> None:
+        self._metrics.stream_queued_events.dec(len(self._items))
+        self._items.clear()
+        self._drafts.clear()
 
 
 async def _until_disconnected(work: Any, request: Request) -> bool:
