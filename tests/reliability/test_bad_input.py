@@ -7,6 +7,7 @@ correct 200, with the reason next to them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -375,7 +376,8 @@ def raw_request(server: LiveServer, request: bytes) -> tuple[bytes, float]:
     url = urlsplit(server.url)
     start = time.monotonic()
     with socket.create_connection((url.hostname, url.port), timeout=TIMEOUT) as sock:
-        sock.sendall(request)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused part-way: read what it said
+            sock.sendall(request)
         received = b""
         while b"\r\n\r\n" not in received or len(received) < 12:
             try:
@@ -407,34 +409,32 @@ def test_bad_content_length_is_4xx_or_closed(bad_server, content_length):
     assert elapsed < FAST
 
 
-def headers_request(http: httpx.Client, headers) -> tuple[int | None, float]:
-    """(status, seconds); a status of None is a connection the server closed."""
-    start = time.monotonic()
-    try:
-        status = http.get("/v1/models", headers=headers).status_code
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-        status = None
-    return status, time.monotonic() - start
+def headers_request(server: LiveServer, headers) -> tuple[int | None, float]:
+    """(status, seconds); a status of None is a connection the server closed. Raw bytes: httpx itself takes seconds
+    to build a request with 10,000 headers, and the time measured here is the server's."""
+    lines = [b"GET /v1/models HTTP/1.1", b"Host: 127.0.0.1", *(f"{k}: {v}".encode() for k, v in headers)]
+    raw, elapsed = raw_request(server, b"\r\n".join(lines) + b"\r\n\r\n")
+    return status_of(raw), elapsed
 
 
 TEN_THOUSAND_HEADERS = [(f"x-h{i}", "v") for i in range(10_000)]
 
 
-def test_1mb_header_is_4xx_or_closed(http):
+def test_1mb_header_is_4xx_or_closed(bad_server):
     """CVE-2025-48956: h11 refuses a header block over 16 KB that is still incomplete (uvicorn: plain-text 400)."""
-    status, elapsed = headers_request(http, {"x-big": "a" * 2**20})
+    status, elapsed = headers_request(bad_server, [("x-big", "a" * 2**20)])
     assert status is None or 400 <= status < 500
     assert elapsed < FAST
 
 
-def test_10k_headers_never_a_5xx_or_a_hang(http):
-    status, elapsed = headers_request(http, TEN_THOUSAND_HEADERS)
+def test_10k_headers_never_a_5xx_or_a_hang(bad_server):
+    status, elapsed = headers_request(bad_server, TEN_THOUSAND_HEADERS)
     assert status is None or status < 500
     assert elapsed < FAST
 
 
-def test_10k_headers_are_refused(http):
-    status, _ = headers_request(http, TEN_THOUSAND_HEADERS)
+def test_10k_headers_are_refused(bad_server):
+    status, _ = headers_request(bad_server, TEN_THOUSAND_HEADERS)
     assert status is None or 400 <= status < 500
 
 
