@@ -1,8 +1,8 @@
 """Engine vs transformers reference on the "bench" checkpoint (real 262,144 vocabulary, small everything else).
 
 Both run fp32 on CPU with 2 threads, one 256-token canvas per sequence and exactly N denoising steps
-(`max_denoising_steps=N, stability_threshold=N+1`, spec 12). Per batch size B it reports output tokens/s,
-ms per denoising step split into forward and sampler, and memory growth during generation, then checks the targets:
+(`max_denoising_steps=N, stability_threshold=N+1`, spec 12). Per batch size B it reports output tokens/s, ms per
+denoising step (the reference's split into forward and sampler) and memory growth during generation, then checks:
 ours >= 5x the reference's tok/s at B=1, >= 6x at B=4 against the reference run one sequence at a time, and
 memory growth per row <= 1/10 of the reference's.
 
@@ -12,6 +12,7 @@ they kept more than 5 % of the CPUs busy is repeated, up to 3 attempts.
 
     python -m benchmarks.bench_engine                      # N=16, B=1 2 4: about 8 minutes
     python -m benchmarks.bench_engine --steps 4 --rows 1 2 # smoke check
+    python -m benchmarks.bench_engine --compiled           # also our step compiled by inductor
 """
 
 from __future__ import annotations
@@ -111,10 +112,13 @@ def run_reference(checkpoint: str, steps: int, rows: int) -> Result:
     return result(rows, t1 - t0, others, forward / steps, sampler / steps, encode, loaded)
 
 
-def run_engine(checkpoint: str, steps: int, rows: int) -> Result:
-    """Our engine with B requests added before the first step; times from its StepStats."""
+def run_engine(checkpoint: str, steps: int, rows: int, compile: bool = False) -> Result:
+    """Our engine with B requests added before the first step; times from its StepStats. `compile`: the step
+    compiled by inductor (compiled at start, outside the timed run)."""
     torch.set_num_threads(2)
-    engine = Engine(EngineConfig(checkpoint=checkpoint, dtype="float32", max_num_seqs=4, kv_budget_bytes=2**30))
+    config = EngineConfig(checkpoint=checkpoint, dtype="float32", max_num_seqs=4, kv_budget_bytes=2**30,
+                          compile=compile, max_capture_len=PROMPT_LEN + CANVAS)  # fmt: skip
+    engine = Engine(config)
     loaded = rss_bytes("VmRSS")
     reset_peak_rss()
 
@@ -138,20 +142,28 @@ def run_engine(checkpoint: str, steps: int, rows: int) -> Result:
     wall, others = time.perf_counter() - t0, others_cpu_s() - others
     if tokens != rows * CANVAS or len(denoise) != steps or any(s.num_denoise_rows != rows for s in denoise):
         raise RuntimeError(f"engine produced {tokens} tokens in {len(denoise)} steps, not a {rows}-row batch")
-    forward = sum(s.forward_s for s in denoise) / steps
-    sampler = sum(s.sampler_s for s in denoise) / steps
-    return result(rows, wall, others, forward, sampler, encode, loaded)
+    step = sum(s.denoise_s for s in denoise) / steps
+    return result(rows, wall, others, step, None, encode, loaded)
 
 
-def result(rows: int, wall: float, others: float, forward: float, sampler: float, encode: float, loaded: int) -> Result:
+def run_compiled(checkpoint: str, steps: int, rows: int) -> Result:
+    return run_engine(checkpoint, steps, rows, compile=True)
+
+
+def result(
+    rows: int, wall: float, others: float, forward: float, sampler: float | None, encode: float, loaded: int
+) -> Result:
+    """forward: the reference's decoder forward, or our whole step (decoder and sampler); sampler: the reference's
+    sampling between forwards (None for ours)."""
     peak = rss_bytes("VmHWM")
     return {
         "rows": rows,
         "wall_s": wall,
         "others_cpu_s": others,
         "tok_s": rows * CANVAS / wall,
+        "step_ms": (forward + (sampler or 0)) * 1e3,
         "forward_ms": forward * 1e3,
-        "sampler_ms": sampler * 1e3,
+        "sampler_ms": None if sampler is None else sampler * 1e3,
         "encode_ms": encode * 1e3,
         "loaded_mib": loaded / MiB,
         "peak_mib": peak / MiB,
@@ -202,24 +214,28 @@ def cell(run: Result | None, key: str, width: int, decimals: int) -> str:
     return num(None if run is None else run[key], f"{width}.{decimals}f").rjust(width)
 
 
-def print_tables(ref: dict[float, Result], ours: list[Result], steps: int) -> None:
+def print_tables(ref: dict[float, Result], ours: list[Result], compiled: dict[float, Result], steps: int) -> None:
     one_by_one = ref.get(1)
     print(f"\nbench checkpoint, fp32 CPU, 2 threads, {steps} denoising steps, {CANVAS} new tokens per sequence")
     print("ref 1by1 = the reference run one sequence at a time (its B=1 rate); ratio = ours / ref 1by1")
-    print("ms/step: ref fwd = decoder + SC embedding + LM head; ours fwd = decoder only, since our LM head and SC")
-    print("embedding run inside the chunked sampler (smp); enc = prefill of all rows\n")
+    print("ms/step: ref fwd = decoder + SC embedding + LM head, ref smp = its sampling; ours = the whole step")
+    print("(decoder, LM head, SC embedding and sampler); comp = ours compiled by inductor; enc = prefill of all rows\n")
     print(
-        "   B | ref 1by1 tok/s  ref batched |  ours tok/s  ratio | ref fwd  ref smp | ours fwd  ours smp  enc ms"
-        " | others s: ref  ours"
+        "   B | ref 1by1 tok/s  ref batched |  ours tok/s  ratio | comp tok/s  ratio | ref fwd  ref smp |"
+        " ours ms  comp ms  enc ms | others s: ref  ours"
     )
+
+    def ratio(run: Result | None) -> str:
+        value = None if one_by_one is None or run is None else run["tok_s"] / one_by_one["tok_s"]
+        return num(value, "5.1f").rjust(5) + "x"
+
     for run in ours:
-        batched = ref.get(run["rows"])
-        ratio = num(None if one_by_one is None else run["tok_s"] / one_by_one["tok_s"], "5.1f").rjust(5)
+        batched, comp = ref.get(run["rows"]), compiled.get(run["rows"])
         print(
             f"{run['rows']:4.0f} | {cell(one_by_one, 'tok_s', 14, 2)} {cell(batched, 'tok_s', 12, 2)} |"
-            f" {run['tok_s']:11.2f} {ratio}x |"
+            f" {run['tok_s']:11.2f} {ratio(run)} | {cell(comp, 'tok_s', 10, 2)} {ratio(comp)} |"
             f" {cell(batched, 'forward_ms', 7, 0)} {cell(batched, 'sampler_ms', 8, 0)} |"
-            f" {run['forward_ms']:8.1f} {run['sampler_ms']:9.1f} {run['encode_ms']:7.1f} |"
+            f" {run['step_ms']:7.1f} {cell(comp, 'step_ms', 8, 1)} {run['encode_ms']:7.1f} |"
             f" {cell(batched, 'others_cpu_s', 13, 1)} {run['others_cpu_s']:5.1f}"
         )
     print("\nmemory, MiB: RSS after load, growth = peak RSS over warm-up + generation - RSS after load")
@@ -232,10 +248,10 @@ def print_tables(ref: dict[float, Result], ours: list[Result], steps: int) -> No
         )
 
 
-def report(ref_runs: list[Result], ours_runs: list[Result], steps: int) -> dict[str, Any]:
+def report(ref_runs: list[Result], ours_runs: list[Result], compiled_runs: list[Result], steps: int) -> dict[str, Any]:
     """Print the tables and the targets; returns the summary numbers."""
     ref, ours = {r["rows"]: r for r in ref_runs}, {r["rows"]: r for r in ours_runs}
-    print_tables(ref, ours_runs, steps)
+    print_tables(ref, ours_runs, {r["rows"]: r for r in compiled_runs}, steps)
     ref_row, ours_row = per_row_growth(ref_runs), per_row_growth(ours_runs)
     print(f"growth per row, MiB: ref {num(ref_row, '.0f')}, ours {num(ours_row, '.0f')}")
 
@@ -265,6 +281,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4], help="concurrent sequences, each <= 4")
     parser.add_argument("--checkpoint", help="a bench checkpoint directory; default: write one to the cache")
     parser.add_argument("--skip-reference", action="store_true", help="measure our engine only")
+    parser.add_argument("--compiled", action="store_true", help="also measure our step compiled by inductor")
     parser.add_argument("--json", type=Path, help="write every number here")
     args = parser.parse_args()
     rows = sorted(set(args.rows))
@@ -273,19 +290,21 @@ def main() -> None:
     checkpoint = str(args.checkpoint or bench_checkpoint())
 
     start = time.perf_counter()
-    ref, ours = [], []
+    ref, ours, compiled = [], [], []
     for b in rows:
         if not args.skip_reference:
             ref.append(measure(run_reference, checkpoint, args.steps, b))
         ours.append(measure(run_engine, checkpoint, args.steps, b))
-    summary = report(ref, ours, args.steps)
+        if args.compiled:
+            compiled.append(measure(run_compiled, checkpoint, args.steps, b))
+    summary = report(ref, ours, compiled, args.steps)
     # Oversubscribed OpenMP threads lose far more than the share other processes take.
-    if (busy := max(contention([r]) for r in ref + ours)) > CONTENDED:
+    if (busy := max(contention([r]) for r in ref + ours + compiled)) > CONTENDED:
         print(f"\nWARNING: other processes kept up to {busy:.0%} of the CPUs busy in a measurement; rerun when quiet")
     print(f"\nbenchmark took {time.perf_counter() - start:.0f} s")
     if args.json:
         config = {"steps": args.steps, "rows": rows, "checkpoint": checkpoint, "canvas": CANVAS, "prompt": PROMPT_LEN}
-        payload = {"config": config, "reference": ref, "ours": ours, "summary": summary}
+        payload = {"config": config, "reference": ref, "ours": ours, "compiled": compiled, "summary": summary}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
 
 

@@ -26,6 +26,11 @@ class EngineConfig:
     prefill_chunk: int = 2048
     vocab_chunk: int | None = None  # sampler workspace per row: [canvas, vocab_chunk] fp32; None: 2048 CPU, 8192 CUDA
     reference_mode: bool = False  # reproduce transformers' generate() draw for draw: one sequence, global RNG
+    # torch.compile the denoising step (fullgraph; engine/graphs.py). None: on CUDA, not on CPU, where compiling
+    # takes minutes on a few cores; never in reference mode.
+    compile: bool | None = None
+    cuda_graphs: bool = True  # capture the compiled step as one CUDA graph per bucket at start (CUDA only)
+    max_capture_len: int = 8192  # captured page-table widths cover contexts up to this many tokens
     # Test-only fault injection: "oom@N" makes the N-th decoder forward raise an out-of-memory error (recoverable),
     # "fatal@N" an error that stops the engine thread. Off (None) unless a test sets DGSERVE_TEST_FAULT.
     fault_injection: str | None = None
@@ -41,12 +46,22 @@ class EngineConfig:
             raise ValueError("vocab_chunk and prefill_chunk must be >= 1 and max_waiting >= 0")
         if self.fault_injection is not None and not re.fullmatch(r"(oom|fatal)@\d+", self.fault_injection):
             raise ValueError(f"fault_injection must be oom@N or fatal@N, got {self.fault_injection!r}")
+        if self.reference_mode and self.compile:
+            raise ValueError("reference_mode runs eager: it cannot be compiled")
+        if self.max_capture_len < 1:
+            raise ValueError(f"max_capture_len must be >= 1, got {self.max_capture_len}")
         if self.dtype not in (None, "bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
 
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def compiled(self) -> bool:
+        if self.compile is None:
+            return self.torch_device.type == "cuda" and not self.reference_mode
+        return self.compile
 
     @property
     def sampler_chunk(self) -> int:

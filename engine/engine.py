@@ -13,9 +13,13 @@ from engine.model_runner import ModelRunner
 from engine.request import BlockCommitted, EngineEvent, Finished, FinishReason, SamplingParams, StepStats, Usage
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from models.config import GenerationDefaults, ModelConfig
+from models.diffusion_gemma import DiffusionGemma
 from models.loader import load_model
 
 logger = logging.getLogger(__name__)
+
+LoadedModel = tuple[DiffusionGemma, ModelConfig, GenerationDefaults]
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -33,17 +37,18 @@ def free_memory_bytes(device: torch.device) -> int:
 class Engine:
     """Continuous batching at denoising-step granularity: requests join and leave between iterations."""
 
-    def __init__(self, config: EngineConfig, progress: bool = False) -> None:
+    def __init__(self, config: EngineConfig, progress: bool = False, model: LoadedModel | None = None) -> None:
+        """`model`: what load_model returns, already on the device, instead of loading config.checkpoint."""
         self.config = config
         device, dtype = config.torch_device, config.torch_dtype
         # Reference mode runs the reference's exact GEMM shapes; otherwise expert groups are padded so that
         # a sequence's numbers do not depend on its batch (see models.diffusion_gemma.Experts).
-        self.model, self.model_config, self.generation_defaults = load_model(
+        self.model, self.model_config, self.generation_defaults = model or load_model(
             config.checkpoint, dtype, device, progress, expert_row_alignment=1 if config.reference_mode else 4
         )
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         budget = config.kv_budget_bytes or int(free_memory_bytes(device) * config.kv_budget_fraction)
-        self.runner = ModelRunner(self.model, self.model_config, config, budget)
+        self.runner = ModelRunner(self.model, self.model_config, config, budget, self.max_model_len)
         self.scheduler = Scheduler(
             self.runner.budget,
             config.max_num_seqs,
@@ -87,9 +92,9 @@ class Engine:
         t0 = time.perf_counter()
         num_encoded = self.runner.encode(batch.encode) if batch.encode else 0
         encode_s = time.perf_counter() - t0
-        forward_s = sampler_s = 0.0
+        denoise_s = 0.0
         if batch.denoise:
-            argmax, stopped, forward_s, sampler_s = self.runner.denoise(batch.denoise)
+            argmax, stopped, denoise_s = self.runner.denoise(batch.denoise)
             events.extend(self.scheduler.after_step(batch.denoise, argmax, stopped))
         stats = StepStats(
             num_running=len(self.scheduler.running),
@@ -98,8 +103,7 @@ class Engine:
             num_denoise_rows=len(batch.denoise),
             num_output_tokens=sum(len(e.token_ids) for e in events if isinstance(e, BlockCommitted)),
             encode_s=encode_s,
-            forward_s=forward_s,
-            sampler_s=sampler_s,
+            denoise_s=denoise_s,
             kv_bytes_used=self.scheduler.budget.used_bytes,
         )
         return events, stats

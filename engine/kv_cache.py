@@ -173,40 +173,74 @@ def encoder_attention(pool: KVPool, seqs: list, starts: list[int], lengths: list
     return attend
 
 
+def page_bucket(pages: int) -> int:
+    """The page table's width: a power of two (at least 2, which keeps a compiled graph's page dimension symbolic),
+    so that the table takes few shapes. Pages past a row's own are page 0, masked: CPU attention over extra fully
+    masked keys gives the same bits."""
+    return max(2, 1 << (pages - 1).bit_length())
+
+
+def page_table(rows: list, width: int) -> list[list[int]]:
+    """[B, width] pages of each row of a step's bucket; rows[i] is the sequence in slot i, or None for a slot that
+    is idle or still encoding (all page 0: its canvas is written to the trash page)."""
+    return [(seq.pages if seq is not None else []) + [0] * (width - (len(seq.pages) if seq is not None else 0))
+            for seq in rows]  # fmt: skip
+
+
 @dataclass(slots=True)
 class DecoderBatch:
-    """Where each row of a step's bucket of slots reads and writes: built on the host once per step."""
+    """Where each row of a step reads and writes, derived on the device from the page table and the lengths, so that
+    a compiled or captured step takes only those two as inputs."""
 
     table: torch.Tensor  # [B, n] pages of each row (0 past its pages)
-    canvas_page: torch.Tensor  # [B, C] page and offset of each canvas position (page 0 for rows not denoising)
-    canvas_offset: torch.Tensor  # [B, C]
+    canvas_page: torch.Tensor  # [B, C] page and offset of each canvas position in the full-layer pool
+    canvas_offset: torch.Tensor
+    ring_slot: torch.Tensor  # [B, C] slot and index of each canvas position in the sliding rings
+    ring_offset: torch.Tensor
     full_valid: torch.Tensor  # [B, 1, 1, n * P] bool: prefix and canvas keys of full layers
     sliding_valid: torch.Tensor  # [B, 1, 1, W - 1 + C] bool: held ring slots and the canvas
 
 
-def decoder_batch(pool: KVPool, rows: list, canvas_length: int) -> DecoderBatch:
-    """rows[i] is the sequence in slot i, or None for a slot that is idle or still encoding. Built in Python lists
-    and copied once per tensor: the host work does not grow torch ops with the batch."""
-    page_size, window = pool.layout.page_size, pool.window
-    num_pages = max((len(s.pages) for s in rows if s is not None), default=1)
-    table, canvas_page, canvas_offset, lengths = [], [], [], []
-    for seq in rows:
-        pages, length = (seq.pages, seq.length) if seq is not None else ([0], 0)
-        table.append(pages + [0] * (num_pages - len(pages)))
-        positions = range(length, length + canvas_length)
-        canvas_page.append([pages[p // page_size] if seq is not None else 0 for p in positions])
-        canvas_offset.append([p % page_size for p in positions])
-        lengths.append(length)
-    to = pool.device
-    lengths = torch.tensor(lengths).to(to)
-    full = torch.arange(num_pages * page_size, device=to) < (lengths + canvas_length)[:, None]
-    ring = torch.arange(window + canvas_length, device=to)
-    sliding = (ring < lengths.clamp(max=window)[:, None]) | (ring >= window)
+def decoder_batch(pool: KVPool, table: torch.Tensor, length: torch.Tensor, canvas_length: int) -> DecoderBatch:
+    """table [B, n] from page_table, length [B] committed tokens of each row (0 for rows not denoising)."""
+    page_size, window, device = pool.layout.page_size, pool.window, table.device
+    rows, width = table.shape
+    canvas = torch.arange(canvas_length, device=device)
+    positions = length[:, None] + canvas  # [B, C]
+    full = torch.arange(width * page_size, device=device) < (length + canvas_length)[:, None]
+    ring = torch.arange(window + canvas_length, device=device)
+    sliding = (ring < length.clamp(max=window)[:, None]) | (ring >= window)
     return DecoderBatch(
-        *(torch.tensor(x).to(to) for x in (table, canvas_page, canvas_offset)),
+        table,
+        table.gather(1, positions // page_size),
+        positions % page_size,
+        torch.arange(rows, device=device)[:, None].expand(rows, canvas_length),
+        (window + canvas).expand(rows, canvas_length),
         full[:, None, None],
         sliding[:, None, None],
     )
+
+
+# One opaque in-place op per layer: a compiled graph that indexed into the pool itself would be functionalised
+# into a copy of the whole pool tensor, and the pool is most of the device's memory.
+@torch.library.custom_op("dgserve::store_kv", mutates_args=("keys", "values"))
+def store_kv(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    index: torch.Tensor,
+    offset: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    """keys[index, :, offset] = k and likewise values, for a pool [N, kv, L, d], index and offset [B, C] and the
+    new keys and values [B, kv, C, d]."""
+    keys[index, :, offset] = k.transpose(1, 2)
+    values[index, :, offset] = v.transpose(1, 2)
+
+
+@store_kv.register_fake
+def _(keys, values, index, offset, k, v) -> None:
+    return None
 
 
 def decoder_attention(pool: KVPool, batch: DecoderBatch) -> Attend:
@@ -217,14 +251,12 @@ def decoder_attention(pool: KVPool, batch: DecoderBatch) -> Attend:
     rows = batch.table.shape[0]
 
     def attend(layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        keys, values = pool.keys[layer], pool.values[layer]
         if pool.config.layers[layer].is_sliding:
-            window = pool.window
-            pool.keys[layer][:rows, :, window:] = k
-            pool.values[layer][:rows, :, window:] = v
-            keys, values, valid = pool.keys[layer][:rows], pool.values[layer][:rows], batch.sliding_valid
+            store_kv(keys, values, batch.ring_slot, batch.ring_offset, k, v)
+            keys, values, valid = keys[:rows], values[:rows], batch.sliding_valid
         else:
-            pool.keys[layer][batch.canvas_page, :, batch.canvas_offset] = k.transpose(1, 2)
-            pool.values[layer][batch.canvas_page, :, batch.canvas_offset] = v.transpose(1, 2)
+            store_kv(keys, values, batch.canvas_page, batch.canvas_offset, k, v)
             (keys, values), valid = pool.full_keys(layer, batch.table), batch.full_valid
         b, heads, length, d = q.shape
         grouped = q.reshape(b, keys.shape[1], -1, d)  # head j uses KV head j // groups

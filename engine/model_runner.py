@@ -7,6 +7,7 @@ back in one device-to-host copy (the argmax canvases and the stop flags). Nothin
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 
@@ -15,6 +16,7 @@ import torch
 from engine import noise
 from engine.canvas import CanvasState
 from engine.config import EngineConfig
+from engine.graphs import StepGraphs, powers_of_two
 from engine.kv_cache import (
     KVBudget,
     KVLayout,
@@ -22,12 +24,16 @@ from engine.kv_cache import (
     decoder_attention,
     decoder_batch,
     encoder_attention,
+    page_bucket,
+    page_table,
     reference_decoder_attention,
 )
 from engine.sampler import fast_step, reference_step, schedule_temperature
 from engine.sequence import Sequence, kv_capacity
 from models.config import ModelConfig
 from models.diffusion_gemma import DiffusionGemma
+
+logger = logging.getLogger(__name__)
 
 # Flattened encoder batches are padded to a multiple of this many tokens: CPU GEMMs round a row differently when
 # they see fewer than 12 rows that are not a multiple of 4, so alignment keeps a sequence's KV batch-independent.
@@ -39,8 +45,15 @@ def bucket_size(rows: int, max_rows: int) -> int:
     return min(max_rows, 1 << (rows - 1).bit_length())
 
 
+def row_buckets(max_rows: int) -> list[int]:
+    """Every value bucket_size takes."""
+    return sorted({bucket_size(rows, max_rows) for rows in range(1, max_rows + 1)})
+
+
 class ModelRunner:
-    def __init__(self, model: DiffusionGemma, config: ModelConfig, engine_config: EngineConfig, budget: int) -> None:
+    def __init__(
+        self, model: DiffusionGemma, config: ModelConfig, engine_config: EngineConfig, budget: int, max_model_len: int
+    ) -> None:
         self.model, self.config, self.engine_config = model, config, engine_config
         self.device, self.dtype = engine_config.torch_device, engine_config.torch_dtype
         self.reference = engine_config.reference_mode
@@ -55,6 +68,19 @@ class ModelRunner:
         self.budget = KVBudget(num_pages, self.layout.page_bytes, slots)
         self.pool = KVPool(self.layout, slots, num_pages, self.device, self.dtype)
         self.canvases = CanvasState(slots, config.canvas_length, config.hidden_size, self.device, self.dtype)
+        self.graphs: StepGraphs | None = None
+        if engine_config.compiled:
+            longest = min(max_model_len, engine_config.max_capture_len) + config.canvas_length
+            widest = page_bucket(min(num_pages, self.layout.pages_for(longest)))
+            try:
+                self.graphs = StepGraphs(
+                    self.step, self.step_inputs, row_buckets(slots), powers_of_two(2, widest), self.device,
+                    engine_config.cuda_graphs,
+                )  # fmt: skip
+            except Exception:  # a compiler or driver failure must not keep the server from starting
+                if engine_config.compile:  # asked for explicitly: fail loudly
+                    raise
+                logger.exception("compiling the denoising step failed; running it eager (--no-compile hides this)")
         self.num_forwards = 0
         self.fault = None
         if engine_config.fault_injection:
@@ -118,10 +144,9 @@ class ModelRunner:
         self.canvases.start(seq.slot, canvas)
         seq.canvas_steps = 0
 
-    @torch.inference_mode()
-    def denoise(self, seqs: list[Sequence]) -> tuple[list[list[int]], list[bool], float, float]:
-        """One denoising step for each sequence: returns argmax canvases, stop flags, forward and sampler seconds
-        (host time: on CUDA the split is of queueing, and the final copy waits for both)."""
+    @torch.no_grad()  # not inference_mode: see engine/graphs.py
+    def denoise(self, seqs: list[Sequence]) -> tuple[list[list[int]], list[bool], float]:
+        """One denoising step for each sequence: returns argmax canvases, stop flags and the step's seconds."""
         c = self.config.canvas_length
         t0 = time.perf_counter()
         self.num_forwards += 1
@@ -132,38 +157,62 @@ class ModelRunner:
         rows: list[Sequence | None] = [None] * bucket_size(max(s.slot for s in seqs) + 1, self.budget.num_slots)
         for seq in seqs:
             rows[seq.slot] = seq
-        inputs = self._step_inputs(rows)
+        inputs = self.step_inputs(rows, page_bucket(max(len(s.pages) for s in seqs)))
+        if self.graphs is not None:
+            out = self.graphs(inputs)
+        else:
+            inputs = {name: x.to(self.device, non_blocking=True) for name, x in inputs.items()}
+            if self.reference:
+                out = self._reference_step(seqs[0], inputs)
+            else:
+                # Eager only: a batch of first steps skips the SC MLP, and factors of 0 or 1 skip the scaled exp
+                # pass. Both give the same bits as the full computation, which is what a compiled step runs.
+                out = self.step(
+                    inputs,
+                    self_condition=any(s.canvas_steps for s in seqs),
+                    scaled_proposals=any(s.params.temperature not in (0.0, 1.0) for s in seqs),
+                )
+        out = out.cpu().tolist()  # the step's one device-to-host copy
+        return [out[s.slot][:c] for s in seqs], [bool(out[s.slot][c]) for s in seqs], time.perf_counter() - t0
+
+    def step(self, inputs: dict[str, torch.Tensor], self_condition: bool, scaled_proposals: bool) -> torch.Tensor:
+        """The decoder forward, the sampler and the canvas update over a bucket of rows, from device tensors only
+        (what torch.compile traces and a CUDA graph captures). Returns [rows, C + 1]: each row's argmax canvas and
+        its stop flag."""
+        rows, c = inputs["length"].shape[0], self.config.canvas_length
         positions = inputs["length"][:, None] + torch.arange(c, device=self.device)
-        if self.reference:
-            attend = reference_decoder_attention(self.pool, seqs[0], c)
-        else:
-            attend = decoder_attention(self.pool, decoder_batch(self.pool, rows, c))
-        # A zero SC input is exactly "none" (spec 5, step 2); when every row starts a canvas the SC MLP is skipped.
-        soft = self.canvases.soft[: len(rows)] if any(s.canvas_steps for s in seqs) else None
-        hidden = self.model.denoise(self.canvases.canvas[: len(rows)], positions, attend, soft)
-        t1 = time.perf_counter()
-        if self.reference:
-            result = reference_step(
-                self.model, hidden, self.canvases.canvas[:1], inputs["temperature"][0], seqs[0].params.entropy_bound
-            )
-        else:
-            result = fast_step(
-                self.model,
-                hidden,
-                inputs["temperature"],
-                inputs["proposal_factor"],
-                inputs["entropy_bound"],
-                noise.step_key(inputs["seed"], inputs["canvas"], inputs["step"]),
-                self.engine_config.sampler_chunk,
-                scaled_proposals=any(s.params.temperature not in (0.0, 1.0) for s in seqs),
-            )
+        attend = decoder_attention(self.pool, decoder_batch(self.pool, inputs["table"], inputs["length"], c))
+        soft = self.canvases.soft[:rows] if self_condition else None  # a zero SC input is exactly none (spec 5)
+        hidden = self.model.denoise(self.canvases.canvas[:rows], positions, attend, soft)
+        result = fast_step(
+            self.model,
+            hidden,
+            inputs["temperature"],
+            inputs["proposal_factor"],
+            inputs["entropy_bound"],
+            noise.step_key(inputs["seed"], inputs["canvas"], inputs["step"]),
+            self.engine_config.sampler_chunk,
+            scaled_proposals,
+        )
         stopped = self.canvases.update(
             result, inputs["denoising"], inputs["stability_threshold"], inputs["confidence_threshold"]
         )
-        # The step's one device-to-host copy: every row's argmax canvas and its stop flag.
-        out = torch.cat([self.canvases.argmax[: len(rows)], stopped[:, None].long()], dim=1).cpu().tolist()
-        t2 = time.perf_counter()
-        return [out[s.slot][:c] for s in seqs], [bool(out[s.slot][c]) for s in seqs], t1 - t0, t2 - t1
+        return torch.cat([self.canvases.argmax[:rows], stopped[:, None].long()], dim=1)
+
+    def _reference_step(self, seq: Sequence, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One row as generate() runs it: exact keys, its own SDPA calls, the global generator."""
+        c = self.config.canvas_length
+        positions = seq.length + torch.arange(c, device=self.device)[None]
+        attend = reference_decoder_attention(self.pool, seq, c)
+        soft = self.canvases.soft[:1] if seq.canvas_steps else None
+        hidden = self.model.denoise(self.canvases.canvas[:1], positions, attend, soft)
+        result = reference_step(
+            self.model, hidden, self.canvases.canvas[:1], inputs["temperature"][0], seq.params.entropy_bound
+        )
+        stopped = self.canvases.update(
+            result, inputs["denoising"], inputs["stability_threshold"], inputs["confidence_threshold"]
+        )
+        return torch.cat([self.canvases.argmax[:1], stopped[:, None].long()], dim=1)
 
     def _temperature(self, seq: Sequence) -> float:
         """The schedule (spec 6.2): reference mode computes it with the reference's own fp32 tensor arithmetic."""
@@ -172,9 +221,9 @@ class ModelRunner:
             return float(schedule_temperature(seq.steps_left, p.t_min, p.t_max, p.max_denoising_steps))
         return p.t_min + (p.t_max - p.t_min) * seq.steps_left / p.max_denoising_steps
 
-    def _step_inputs(self, rows: list[Sequence | None]) -> dict[str, torch.Tensor]:
-        """Per-row step parameters from the host counters, in one host-to-device copy each; idle rows get inert
-        values."""
+    def step_inputs(self, rows: list[Sequence | None], pages: int) -> dict[str, torch.Tensor]:
+        """The step's inputs on the host, from the counters of the sequence in each slot of the bucket (None: idle
+        or encoding, given inert values), with a page table `pages` wide."""
         columns: dict[str, list] = {name: [] for name in _STEP_INPUTS}
         for seq in rows:
             p = seq.params if seq is not None else None
@@ -192,10 +241,9 @@ class ModelRunner:
             }
             for name, value in values.items():
                 columns[name].append(value)
-        return {
-            name: torch.tensor(columns[name], dtype=dtype).to(self.device, non_blocking=True)
-            for name, dtype in _STEP_INPUTS.items()
-        }
+        inputs = {name: torch.tensor(columns[name], dtype=dtype) for name, dtype in _STEP_INPUTS.items()}
+        inputs["table"] = torch.tensor(page_table(rows, pages))
+        return inputs
 
 
 _STEP_INPUTS = {

@@ -130,6 +130,5 @@ class StepStats:
     num_denoise_rows: int
     num_output_tokens: int  # tokens committed to outputs this iteration
     encode_s: float
-    forward_s: float  # decoder forward (denoise) time
-    sampler_s: float
+    denoise_s: float  # the denoising step: decoder forward, sampler and its results copy
     kv_bytes_used: int

@@ -330,7 +330,7 @@ class DiffusionGemma(nn.Module):
         cos, sin = rope[self.config.layers[-1].is_sliding]
         attend(len(layers), None, *last.self_attn.project_kv(last.input_layernorm(x), cos, sin))
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode, which torch.compile cannot trace (engine/graphs.py compiles this)
     def denoise(
         self,
         canvas: torch.Tensor,  # [B, C] token ids

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from models.config import model_config_from_dict
+from models.config import GenerationDefaults, ModelConfig, generation_defaults_from_dict, model_config_from_dict
 from models.diffusion_gemma import DiffusionGemma
 from models.loader import param_to_checkpoint_key
 from models.tokenizer_files import write_tokenizer
@@ -55,7 +55,16 @@ SIZES: dict[str, dict[str, Any]] = {
         num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2, sliding_window=1024,
         max_position_embeddings=131072, canvas_length=256, max_denoising_steps=48, max_new_tokens=256,
     ),
+    # the real google/diffusiongemma-26B-A4B-it text stack (spec 1), 25.25 B parameters: built on a device by
+    # random_model for benchmarks, never written (50 GB)
+    "real": dict(
+        vocab_size=262144, hidden_size=2816, intermediate_size=2112, moe_intermediate_size=704, num_experts=128,
+        top_k_experts=8, num_hidden_layers=30, layer_types=[S, S, S, S, S, F] * 5, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2, sliding_window=1024,
+        max_position_embeddings=262144, canvas_length=256, max_denoising_steps=48, max_new_tokens=256,
+    ),
 }  # fmt: skip
+WRITABLE = sorted(set(SIZES) - {"real"})
 
 # A minimal Gemma 4 vision tower: text-only serving skips it, but the real format carries one.
 VISION_CONFIG: dict[str, Any] = {
@@ -151,9 +160,11 @@ def generation_config_json(size: str) -> dict[str, Any]:
 def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """N(0, 0.02) weights; scales that initialise to one get 1 + 0.1 N(0, 1), so a wrong norm is caught (spec 9.2)."""
     noise = torch.randn(shape, generator=gen)
-    if name.endswith(("norm.weight", "router.scale", "router.per_expert_scale")):
-        return 1.0 + 0.1 * noise
-    return 0.02 * noise
+    return 1.0 + 0.1 * noise if _is_scale(name) else 0.02 * noise
+
+
+def _is_scale(name: str) -> bool:
+    return name.endswith(("norm.weight", "router.scale", "router.per_expert_scale"))
 
 
 def _layer_scalar(key: str) -> torch.Tensor:
@@ -161,6 +172,27 @@ def _layer_scalar(key: str) -> torch.Tensor:
     i = int(key.split(".layers.")[1].split(".")[0])
     value = 0.8 - 0.05 * i if key.startswith("model.encoder.") else 1.1 + 0.05 * i
     return torch.tensor([value])
+
+
+def random_model(
+    size: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0
+) -> tuple[DiffusionGemma, ModelConfig, GenerationDefaults]:
+    """A model of this size with random weights made on the device itself (what load_model returns), initialised as
+    the checkpoints are but from the device's generator: no file, no host copy of the weights."""
+    config = model_config_from_dict(config_json(size))
+    with torch.device("meta"):
+        model = DiffusionGemma(config, expert_row_alignment=4).to(dtype)
+    model.to_empty(device=device)
+    model.init_constants()
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            key = param_to_checkpoint_key(name)
+            if key.endswith("layer_scalar"):
+                tensor.copy_(_layer_scalar(key))
+            else:
+                tensor.normal_(generator=gen).mul_(0.1 if _is_scale(key) else 0.02).add_(1.0 if _is_scale(key) else 0)
+    return model.eval(), config, generation_defaults_from_dict(generation_config_json(size))
 
 
 def random_tensors(size: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -185,8 +217,8 @@ def write_random_checkpoint(
     num_shards: int = 1,
 ) -> Path:
     """Write a full checkpoint directory (weights, configs, tokenizer) and return its path."""
-    if size not in SIZES:
-        raise ValueError(f"unknown checkpoint size {size!r}; choose from {sorted(SIZES)}")
+    if size not in WRITABLE:
+        raise ValueError(f"unknown checkpoint size {size!r}; choose from {WRITABLE}")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config_json(size)

@@ -16,7 +16,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import BlockCommitted, Draft, Finished, SamplingParams
 from models.hub import resolve_checkpoint
-from models.random_checkpoint import SIZES, write_random_checkpoint
+from models.random_checkpoint import WRITABLE, write_random_checkpoint
 
 logger = logging.getLogger("dgserve")
 
@@ -152,6 +152,9 @@ def _serve(args: argparse.Namespace) -> None:
             kv_budget_fraction=args.kv_budget_fraction,
             max_waiting=args.max_waiting,
             prefill_chunk=args.prefill_chunk,
+            compile=args.compile,
+            cuda_graphs=args.cuda_graphs,
+            max_capture_len=args.max_capture_len,
             fault_injection=os.environ.get("DGSERVE_TEST_FAULT"),
         ),
         on_step=metrics.on_step,
@@ -215,6 +218,25 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         type=int,
         default=int(_env("PREFILL_CHUNK", "2048")),
         help="prompt tokens a sequence encodes per iteration (bounds a long prompt's memory)",
+    )
+    serve.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=_bool_or_none(_env("COMPILE")),
+        help="torch.compile the denoising step at start (default: on CUDA only)",
+    )
+    serve.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        default=_env("CUDA_GRAPHS", "1") != "0",
+        help="run the compiled step without capturing it as CUDA graphs",
+    )
+    serve.add_argument(
+        "--max-capture-len",
+        type=int,
+        default=int(_env("MAX_CAPTURE_LEN", "8192")),
+        help="CUDA graphs cover contexts up to this many tokens; longer ones run the compiled step uncaptured",
     )
     serve.add_argument(
         "--drain-timeout",
@@ -294,6 +316,10 @@ def _int_or_none(value: str | None) -> int | None:
     return None if value is None else int(value)
 
 
+def _bool_or_none(value: str | None) -> bool | None:
+    return None if value is None else value.lower() in ("1", "true", "yes", "on")
+
+
 def _write_checkpoint(args: argparse.Namespace) -> None:
     path = write_random_checkpoint(
         args.directory, args.size, seed=args.seed, dtype=getattr(torch, args.dtype), num_shards=args.shards
@@ -332,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write config.json, generation_config.json, safetensors and tokenizer files with random weights.",
     )
     write.add_argument("directory", help="output directory (created if missing)")
-    write.add_argument("--size", choices=sorted(SIZES), default="demo")
+    write.add_argument("--size", choices=WRITABLE, default="demo")
     write.add_argument("--seed", type=int, default=0)
     write.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     write.add_argument("--shards", type=int, default=1, help="split the weights over this many safetensors files")

@@ -79,7 +79,7 @@ class Metrics:
         self.waiting.set(stats.num_waiting)
         self.kv_used.set(stats.kv_bytes_used)
         if stats.num_denoise_rows or stats.num_encode_tokens:
-            self.step_latency.observe(stats.encode_s + stats.forward_s + stats.sampler_s)
+            self.step_latency.observe(stats.encode_s + stats.denoise_s)
         self._count_tokens(stats.num_output_tokens)
 
     def _count_tokens(self, tokens: int) -> None:
