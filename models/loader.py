@@ -96,8 +96,9 @@ def tensor_specs(model: DiffusionGemma, plan: QuantPlan | None) -> dict[str, Ten
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
     for name, module in quantized.items():
         specs.update(quantized_specs(name, module, plan, DECODER_PREFIX))
+    quantized_prefixes = tuple(f"{name}." for name in quantized)
     for name, target in model.state_dict().items():  # tied tensors appear once: one embedding, one text stack
-        if not name.startswith(tuple(f"{q}." for q in quantized)):
+        if not name.startswith(quantized_prefixes):
             specs[param_to_checkpoint_key(name)] = TensorSpec(tuple(target.shape), None, target.copy_)
     return specs
 

@@ -309,7 +309,7 @@ class QuantExperts(Experts):
     GEMMs change (experts_path). Fixed shapes and no host syncs on every path, as in Experts."""
 
     def __init__(self, experts: Experts, plan: QuantPlan) -> None:
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not Experts.__init__: its bf16 parameters are what this class replaces
         self.num_experts, self.row_alignment = experts.num_experts, experts.row_alignment
         self.gate_up_proj = QuantizedWeight(tuple(experts.gate_up_proj.shape), plan)
         self.down_proj = QuantizedWeight(tuple(experts.down_proj.shape), plan)

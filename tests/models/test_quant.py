@@ -16,12 +16,15 @@ from compressed_tensors.quantization import QuantizationScheme
 from safetensors.torch import load_file, save_file
 
 import models.quant as quant
+from benchmarks.step_ops import OpCounter, count_step, denoising_engine
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import SamplingParams
-from models.config import ConfigError
+from models.config import ConfigError, model_config_from_dict
+from models.diffusion_gemma import Experts
 from models.loader import CheckpointError, load_model
 from models.quantized_checkpoint import FORMATS, write_quantized_checkpoint
+from models.random_checkpoint import config_json
 from tests.engine.test_engine import assert_same_tokens, output_tokens
 from tests.models.test_parity import make_case, our_logits
 
@@ -286,3 +289,42 @@ def test_gpu_paths_compute_what_the_exact_path_does(monkeypatch, tmp_path, path)
     tolerance = 0.05 if path == "scaled_mm_per_expert" else 1e-6
     assert (other - exact_experts).norm() / exact_experts.norm() < tolerance
     assert 0 < (linear(x) - exact_linear).norm() / exact_linear.norm() < 0.05
+
+
+@pytest.mark.parametrize("path", ["dequantize", "scaled_mm_per_expert", "dequantize_per_expert"])
+def test_quantized_experts_stay_sync_free(monkeypatch, pair, path):
+    """No op that waits on the device or sizes its output from data, on every path (CUDA graphs, fullgraph)."""
+    fmt, checkpoint, _ = pair
+    if path == "scaled_mm_per_expert" and fmt != "fp8":
+        pytest.skip("an fp8 path")
+    model, _, _ = load_model(checkpoint, torch.float32, progress=False, expert_row_alignment=4)
+    monkeypatch.setattr(quant, "experts_path", lambda device, scheme: path)
+    monkeypatch.setattr(
+        quant, "linear_path", lambda device, scheme: "w8a8" if path == "scaled_mm_per_expert" else "dequantize"
+    )
+    x = torch.randn(24, 64)
+    weights, ids = torch.rand(24, 2), torch.randint(0, 8, (24, 2))
+    with OpCounter() as counter:
+        model.layers[1].experts(x, weights, ids)
+        model.layers[1].mlp(x)
+        model.layers[1].self_attn.q_proj(x)
+    assert counter.syncing() == {}
+
+
+def test_a_quantized_denoising_step_is_sync_free(pair):
+    counter = count_step(denoising_engine(str(pair[1]), 2))
+    assert counter.syncing() == {} and sum(counter.ops.values()) > 0
+
+
+def test_the_fp8_grouped_gemm_call_fits_its_kernel_on_the_real_shapes(monkeypatch):
+    """torch._scaled_grouped_mm has no CPU kernel; its meta kernel checks dtypes, layouts and shapes as CUDA's does."""
+    cfg = config_json("structure")
+    cfg["text_config"].update(hidden_size=2816, intermediate_size=2112, moe_intermediate_size=704)
+    config = model_config_from_dict(cfg)
+    with torch.device("meta"):
+        experts = quant.QuantExperts(Experts(config, 4), quant.load_time_plan("fp8"))
+        x, weights = torch.randn(256, 2816, dtype=torch.bfloat16), torch.rand(256, 8)
+        ids = torch.randint(0, 128, (256, 8))
+    monkeypatch.setattr(quant, "experts_path", lambda device, scheme: "scaled_grouped_mm")
+    out = experts(x, weights, ids)
+    assert out.shape == (256, 2816) and out.dtype == torch.bfloat16
