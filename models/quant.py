@@ -4,7 +4,7 @@ each device runs (shared/quantized-formats).
 A `QuantPlan` says which linears are quantized and how: read from config.json's `quantization_config`
 (`plan_from_config`), or asked for at load to quantize a bf16 checkpoint (`load_time_plan`). `apply_plan` swaps those
 modules of a model built on the meta device for `QuantLinear` / `QuantExperts`, as gpt-fast's quantize.py swaps
-nn.Linear: the model file mentions neither. `tensor_specs` says which tensors, dtypes and shapes a checkpoint holds
+nn.Linear: the model file mentions neither. `quantized_specs` says which tensors, dtypes and shapes a checkpoint holds
 for them, and where each one goes.
 
 Two schemes, one in-memory layout each whatever the file format (fused experts keep gate rows, then up rows):
