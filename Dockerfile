@@ -3,13 +3,16 @@
 # dgserve: an OpenAI-compatible server for DiffusionGemma. Two images from one file:
 #
 #   docker build -t dgserve .                                  # CUDA (the default): serves the real model
+#   docker buildx build --platform linux/arm64 -t dgserve .    # the same for DGX Spark (or build on the Spark)
 #   docker build -t dgserve:cpu --build-arg VARIANT=cpu .      # CPU only: serves the random-weight demo
 #
 # Configuration is the same as `dgserve serve`'s: every option reads DGSERVE_<NAME> from the environment (README,
 # "Deploy with Docker"). The API key and the Hugging Face token are never baked in: pass them at run time.
 
 # The CUDA base must ship a torch that satisfies pyproject's `torch>=2.6`, so that pip keeps it, and Python >= 3.11.
-ARG CUDA_BASE_IMAGE=pytorch/pytorch:2.10.0-cuda12.8-cudnn9-runtime
+# NVIDIA's PyTorch container is published for linux/amd64 and linux/arm64 (DGX Spark, GH200) with a CUDA 13 torch
+# built for every current GPU, Blackwell's sm100/sm120 and GB10's sm121 included: one tag builds natively on both.
+ARG CUDA_BASE_IMAGE=nvcr.io/nvidia/pytorch:25.09-py3
 ARG CPU_BASE_IMAGE=python:3.11-slim-bookworm
 # cuda or cpu. `FROM base-${VARIANT}` names one of the two stages below, not an image: hadolint cannot see that,
 # hence its DL3006 (untagged image) is silenced on those two lines only.

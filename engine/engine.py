@@ -3,35 +3,21 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
-import torch
-
 from engine.config import EngineConfig
+from engine.memory import check_memory, free_memory_bytes
 from engine.model_runner import ModelRunner
 from engine.request import BlockCommitted, EngineEvent, Finished, FinishReason, SamplingParams, StepStats, Usage
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from models.config import GenerationDefaults, ModelConfig
+from models.config import GenerationDefaults, ModelConfig, load_config
 from models.diffusion_gemma import DiffusionGemma
 from models.loader import load_model
 
 logger = logging.getLogger(__name__)
 
 LoadedModel = tuple[DiffusionGemma, ModelConfig, GenerationDefaults]
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Memory available for the KV cache now: free device memory on CUDA, MemAvailable on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError):  # not Linux: free physical pages
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class Engine:
@@ -41,11 +27,19 @@ class Engine:
         """`model`: what load_model returns, already on the device, instead of loading config.checkpoint."""
         self.config = config
         device, dtype = config.torch_device, config.torch_dtype
-        # Reference mode runs the reference's exact GEMM shapes; otherwise expert groups are padded so that
-        # a sequence's numbers do not depend on its batch (see models.diffusion_gemma.Experts).
-        self.model, self.model_config, self.generation_defaults = model or load_model(
-            config.checkpoint, dtype, device, progress, expert_row_alignment=1 if config.reference_mode else 4
-        )
+        if model is None:
+            check_memory(config, load_config(config.checkpoint)[0], free_memory_bytes(device))
+            # Reference mode runs the reference's exact GEMM shapes; otherwise expert groups are padded so that
+            # a sequence's numbers do not depend on its batch (see models.diffusion_gemma.Experts).
+            model = load_model(
+                config.checkpoint,
+                dtype,
+                device,
+                progress,
+                expert_row_alignment=1 if config.reference_mode else 4,
+                quantization=config.quantization,
+            )
+        self.model, self.model_config, self.generation_defaults = model
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         budget = config.kv_budget_bytes or int(free_memory_bytes(device) * config.kv_budget_fraction)
         self.runner = ModelRunner(self.model, self.model_config, config, budget, self.max_model_len)

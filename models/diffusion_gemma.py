@@ -172,11 +172,13 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
 class Experts(nn.Module):
     """Packed experts: gate_up_proj [E, 2I, H] (gate rows first, then up), down_proj [E, H, I] (spec 2.3).
 
-    The forward has static shapes and no host syncs (CUDA graphs, torch.compile fullgraph)."""
+    The forward has static shapes and no host syncs (CUDA graphs, torch.compile fullgraph). Its GEMMs are the methods
+    `_grouped_linear` and `_expert_linear`, which models.quant.QuantExperts replaces for quantized weights."""
 
     def __init__(self, config: ModelConfig, row_alignment: int = 1) -> None:
         super().__init__()
         e, i, h = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.num_experts = e
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         # CPU GEMMs round a row differently when a group has few rows (fewer than 12, not a multiple of 4), so a
@@ -187,13 +189,25 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/experts [T, K] -> [T, H]: sum_k w_k * expert_k(x), summed in fp32 (grouped_mm)."""
         num_tokens, top_k = experts.shape
-        pair_outputs = self._grouped if _grouped_mm_ok(x.device, x.dtype) else self._every_expert
+        pair_outputs = self._grouped if self._use_grouped_mm(x) else self._every_expert
         y = pair_outputs(x, experts) * weights.reshape(-1, 1)  # fp32 from here on
         return y.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
+    def _use_grouped_mm(self, x: torch.Tensor) -> bool:
+        return _grouped_mm_ok(x.device, x.dtype)
+
+    def _grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return grouped_linear(x, weight, offsets)
+
+    def _expert_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """[E, T, out]: every expert on the same rows x [T, in] (one GEMM), or expert e on x[e] for x [E, T, in]."""
+        if x.dim() == 2:
+            return F.linear(x, weight.flatten(0, 1)).unflatten(-1, (self.num_experts, -1)).transpose(0, 1)
+        return torch.bmm(x, weight.mT)
+
     def _grouped(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """[T*K, H]: expert_k(x_t) for every (token, k) pair in pair order, by grouped_mm over rows sorted by expert."""
-        num_experts, top_k, align = self.gate_up_proj.shape[0], experts.shape[1], self.row_alignment
+        num_experts, top_k, align = self.num_experts, experts.shape[1], self.row_alignment
         # Pairs grouped by expert with the reference's own (unstable) sort: CPU grouped_mm rounds a row by its place
         # in the group, so another order inside a group changes the output by ~1e-7, enough over 30 layers of
         # top-8-of-128 routing for a token to pick other experts.
@@ -209,8 +223,9 @@ class Experts(nn.Module):
         # Padding adds at most align-1 rows per group, so a fixed T*K + E*(align-1) rows always fit (static shape).
         rows = x.new_zeros(order.numel() + num_experts * (align - 1), x.shape[-1])
         rows.index_copy_(0, row, x.repeat_interleave(top_k, dim=0))
-        gate, up = grouped_linear(rows, self.gate_up_proj, offsets).chunk(2, dim=-1)
-        return grouped_linear(F.gelu(gate, approximate="tanh") * up, self.down_proj, offsets).index_select(0, row)
+        gate, up = self._grouped_linear(rows, self.gate_up_proj, offsets).chunk(2, dim=-1)
+        hidden = F.gelu(gate, approximate="tanh") * up
+        return self._grouped_linear(hidden, self.down_proj, offsets).index_select(0, row)
 
     def _every_expert(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """[T*K, H] like _grouped, where grouped_mm is slow: every expert runs on every token (one GEMM, one batched
@@ -222,10 +237,9 @@ class Experts(nn.Module):
         [E, T, H] of workspace, but reads each weight once, as grouped_mm does, so it stays near the weight-bound
         cost while T is below the GPU's FLOPs per byte (about 150 tokens on an A100). Tiles of one expert each
         instead would copy a weight per tile."""
-        num_experts, num_tokens = self.gate_up_proj.shape[0], x.shape[0]
-        gate_up = F.linear(x, self.gate_up_proj.flatten(0, 1)).unflatten(-1, (num_experts, -1)).transpose(0, 1)
-        gate, up = gate_up.chunk(2, dim=-1)  # [E, T, I]
-        y = torch.bmm(F.gelu(gate, approximate="tanh") * up, self.down_proj.mT)  # [E, T, H]
+        num_tokens = x.shape[0]
+        gate, up = self._expert_linear(x, self.gate_up_proj).chunk(2, dim=-1)  # [E, T, I]
+        y = self._expert_linear(F.gelu(gate, approximate="tanh") * up, self.down_proj)  # [E, T, H]
         cell = experts * num_tokens + torch.arange(num_tokens, device=x.device)[:, None]
         return y.flatten(0, 1).index_select(0, cell.reshape(-1))
 

@@ -1,8 +1,9 @@
 """Load a DiffusionGemma checkpoint (config + safetensors, single file or sharded) into our model (spec 2.3).
 
 Every text tensor is mapped by one rule: `model.decoder.X` is our `X`. The exceptions are the encoder's own
-`layer_scalar` buffers (-> `layers.{i}.encoder_layer_scalar`) and the vision tower, which is skipped. A missing,
-unexpected or wrongly shaped tensor fails here with its name, never later inside a forward.
+`layer_scalar` buffers (-> `layers.{i}.encoder_layer_scalar`), the vision tower, which is skipped, and quantized
+modules, whose files' tensors models.quant maps (FP8 and NVFP4 checkpoints store experts split per expert). A
+missing, unexpected, wrongly shaped or wrongly typed tensor fails here with its name, never later inside a forward.
 """
 
 from __future__ import annotations
@@ -11,14 +12,27 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from models.config import GenerationDefaults, ModelConfig, load_config
+from models.config import ConfigError, GenerationDefaults, ModelConfig, load_config
 from models.diffusion_gemma import DiffusionGemma
+from models.quant import (
+    QuantExperts,
+    QuantLinear,
+    QuantPlan,
+    TensorSpec,
+    apply_plan,
+    load_time_plan,
+    plan_from_config,
+    quantized_specs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,50 +69,100 @@ def safetensors_files(checkpoint_dir: Path) -> list[Path]:
     return files
 
 
+def checkpoint_plan(checkpoint_dir: str | os.PathLike, quantization: str | None = None) -> QuantPlan | None:
+    """The checkpoint's own quantized format (config.json's quantization_config), or `quantization` of a bf16 one."""
+    plan = plan_from_config(json.loads((Path(checkpoint_dir) / "config.json").read_text()))
+    if quantization is None:
+        return plan
+    if plan is not None:
+        raise ConfigError(f"the checkpoint is already quantized ({plan.format}); --quantization is for bf16 ones")
+    return load_time_plan(quantization)
+
+
+def build_model(
+    config: ModelConfig, dtype: torch.dtype, plan: QuantPlan | None, expert_row_alignment: int = 1
+) -> DiffusionGemma:
+    """The model on the meta device, with the plan's modules quantized: shapes and dtypes, no memory."""
+    with torch.device("meta"):
+        model = DiffusionGemma(config, expert_row_alignment).to(dtype)
+        if plan is not None:
+            apply_plan(model, plan, DECODER_PREFIX)
+    return model
+
+
+def tensor_specs(model: DiffusionGemma, plan: QuantPlan | None) -> dict[str, TensorSpec]:
+    """Every tensor the checkpoint must hold, by its key: shape, dtype and where it is loaded."""
+    specs: dict[str, TensorSpec] = {}
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
+    for name, module in quantized.items():
+        specs.update(quantized_specs(name, module, plan, DECODER_PREFIX))
+    quantized_prefixes = tuple(f"{name}." for name in quantized)
+    for name, target in model.state_dict().items():  # tied tensors appear once: one embedding, one text stack
+        if not name.startswith(quantized_prefixes):
+            specs[param_to_checkpoint_key(name)] = TensorSpec(tuple(target.shape), None, target.copy_)
+    return specs
+
+
+def _check(key: str, tensor: torch.Tensor, spec: TensorSpec) -> None:
+    if spec.dtype is None and not (tensor.is_floating_point() and tensor.element_size() > 1):
+        raise CheckpointError(f"tensor {key!r} is {tensor.dtype}, expected a bf16/fp16/fp32 weight")
+    if spec.dtype is not None and tensor.dtype != spec.dtype:
+        raise CheckpointError(f"tensor {key!r} is {tensor.dtype}, the format stores {spec.dtype}")
+    if tuple(tensor.shape) != spec.shape:
+        raise CheckpointError(f"tensor {key!r} has shape {tuple(tensor.shape)}, config expects {spec.shape}")
+
+
+@contextmanager
+def _open(path: Path) -> Iterator[Any]:
+    """safe_open, with a truncated or corrupt file reported by name."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path.name} cannot be read (truncated or corrupt?): {exc}") from None
+
+
 def load_model(
     checkpoint_dir: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     progress: bool = True,
     expert_row_alignment: int = 1,
+    quantization: str | None = None,
 ) -> tuple[DiffusionGemma, ModelConfig, GenerationDefaults]:
-    """Read config, build the model without initialising it, and fill every parameter from memory-mapped files."""
+    """Read config, build the model without initialising it, and fill every tensor from memory-mapped files, one at a
+    time: a quantized checkpoint stays quantized, and `quantization` ("fp8", "nvfp4") quantizes a bf16 one tensor by
+    tensor on the device, so the bf16 model never exists there whole."""
     directory = Path(checkpoint_dir)
     config, generation = load_config(directory)
-    with torch.device("meta"):
-        model = DiffusionGemma(config, expert_row_alignment).to(dtype)
+    plan = checkpoint_plan(directory, quantization)
+    model = build_model(config, dtype, plan, expert_row_alignment)
     model.to_empty(device=device)
     model.init_constants()  # non-persistent fp32 buffers, not in the checkpoint
-    targets = model.state_dict()  # tied tensors appear once: there is one embedding and one text stack
+    specs = tensor_specs(model, plan)
     loaded: set[str] = set()
 
     files = safetensors_files(directory)
     with tqdm(desc="Loading weights", unit="tensor", disable=not progress) as bar:
         for path in files:
-            with safe_open(path, framework="pt", device="cpu") as f:
+            with _open(path) as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    name = checkpoint_key_to_param(key)
                     bar.update()
-                    if name is None:
+                    if checkpoint_key_to_param(key) is None:
                         continue
-                    if name not in targets:
+                    if key not in specs:
                         raise CheckpointError(f"unexpected tensor {key!r} in {path.name}")
-                    if name in loaded:
+                    if key in loaded:
                         raise CheckpointError(f"tensor {key!r} appears twice in the checkpoint")
                     tensor = f.get_tensor(key)
-                    expected = tuple(targets[name].shape)
-                    if tuple(tensor.shape) != expected:
-                        raise CheckpointError(
-                            f"tensor {key!r} has shape {tuple(tensor.shape)}, config expects {expected}"
-                        )
-                    targets[name].copy_(tensor)
-                    loaded.add(name)
-    if missing := sorted(set(targets) - loaded):
-        raise CheckpointError(
-            f"checkpoint is missing {len(missing)} tensor(s), e.g. {param_to_checkpoint_key(missing[0])!r}"
-        )
+                    _check(key, tensor, specs[key])
+                    specs[key].load(tensor)
+                    loaded.add(key)
+    if missing := sorted(set(specs) - loaded):
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
     model.eval()
-    logger.info("loaded %s: %d tensors from %d file(s), %s on %s", directory, len(loaded), len(files), dtype, device)
+    fmt = plan.format if plan else str(dtype).removeprefix("torch.")
+    logger.info("loaded %s: %d tensors from %d file(s), %s on %s", directory, len(loaded), len(files), fmt, device)
     return model, config, generation
 
 

@@ -226,12 +226,12 @@ def write_random_checkpoint(
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation_config_json(size), indent=2) + "\n")
     tensors = {key: t.to(dtype).contiguous() for key, t in random_tensors(size, seed).items()}
-    _save_shards(tensors, out, num_shards)
+    save_shards(tensors, out, num_shards)
     write_tokenizer(out, cfg["text_config"]["vocab_size"])
     return out
 
 
-def _save_shards(tensors: dict[str, torch.Tensor], out: Path, num_shards: int) -> None:
+def save_shards(tensors: dict[str, torch.Tensor], out: Path, num_shards: int) -> None:
     metadata = {"format": "pt"}
     if num_shards == 1:
         save_file(tensors, out / "model.safetensors", metadata=metadata)

@@ -16,6 +16,8 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import BlockCommitted, Draft, Finished, SamplingParams
 from models.hub import resolve_checkpoint
+from models.quant import QUANTIZATION_CHOICES
+from models.quantized_checkpoint import FORMATS, write_quantized_checkpoint
 from models.random_checkpoint import WRITABLE, write_random_checkpoint
 
 logger = logging.getLogger("dgserve")
@@ -146,6 +148,7 @@ def _serve(args: argparse.Namespace) -> None:
             str(checkpoint),
             device=args.device,
             dtype=args.dtype,
+            quantization=args.quantization,
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
             kv_budget_bytes=args.kv_budget_bytes,
@@ -208,6 +211,12 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"), help="the model id clients use")
     serve.add_argument("--dtype", default=_env("DTYPE"), choices=["bfloat16", "float32"])
     serve.add_argument("--device", default=_env("DEVICE"))
+    serve.add_argument(
+        "--quantization",
+        default=_env("QUANTIZATION"),
+        choices=QUANTIZATION_CHOICES,
+        help="quantize a bf16 checkpoint at load (FP8 and NVFP4 checkpoints are detected from their config)",
+    )
     serve.add_argument("--max-num-seqs", type=int, default=int(_env("MAX_NUM_SEQS", "8")))
     serve.add_argument("--max-model-len", type=int, default=_int_or_none(_env("MAX_MODEL_LEN")))
     serve.add_argument("--max-waiting", type=int, default=int(_env("MAX_WAITING", "256")))
@@ -321,10 +330,13 @@ def _bool_or_none(value: str | None) -> bool | None:
 
 
 def _write_checkpoint(args: argparse.Namespace) -> None:
-    path = write_random_checkpoint(
-        args.directory, args.size, seed=args.seed, dtype=getattr(torch, args.dtype), num_shards=args.shards
-    )
-    logger.info("wrote a random-weight %s checkpoint to %s", args.size, path)
+    if args.format == "bf16":
+        path = write_random_checkpoint(
+            args.directory, args.size, seed=args.seed, dtype=getattr(torch, args.dtype), num_shards=args.shards
+        )
+    else:
+        path = write_quantized_checkpoint(args.directory, args.format, args.size, args.seed, args.shards, args.twin)
+    logger.info("wrote a random-weight %s %s checkpoint to %s", args.size, args.format, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--drafts", action="store_true", help="show the refining canvas after every step (stderr)")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     gen.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bf16 on CUDA, fp32 on CPU")
+    gen.add_argument("--quantization", choices=QUANTIZATION_CHOICES, help="quantize a bf16 checkpoint at load")
     _add_sampling_arguments(gen)
     gen.set_defaults(run=_generate)
 
@@ -362,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--seed", type=int, default=0)
     write.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     write.add_argument("--shards", type=int, default=1, help="split the weights over this many safetensors files")
+    write.add_argument("--format", choices=["bf16", *FORMATS], default="bf16", help="a published quantized format")
+    write.add_argument("--twin", help="with --format: also write the dequantised bf16 twin into this directory")
     write.set_defaults(run=_write_checkpoint)
     return parser
 
