@@ -19,13 +19,9 @@ from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import EngineEvent, Failed, Finished, SamplingParams, StepStats
+from engine.request import EngineDeadError, EngineEvent, EngineInfo, Failed, Finished, SamplingParams, StepStats
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread has stopped; nothing more will be served."""
 
 
 @dataclass(slots=True)
@@ -73,7 +69,7 @@ class AsyncEngine:
         loaded.result()
 
     async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
-        """Submit a request; raises ValueError (bad input) or QueueFullError before any event is produced."""
+        """Submit a request; raises InvalidRequestError (bad input) or QueueFullError before any event is produced."""
         self.check_health()
         loop = asyncio.get_running_loop()
         command = _Add(request_id, prompt_ids, params, asyncio.Queue(), loop, Future())
@@ -83,6 +79,10 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(request_id)
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
 
     @property
     def num_in_flight(self) -> int:

@@ -15,7 +15,6 @@ slices each row's exact keys in the reference's order and calls SDPA as the refe
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
 
 import torch
@@ -77,9 +76,6 @@ class KVLayout:
     def slot_bytes(self) -> int:
         sliding = [g for g in self.config.layers if g.is_sliding]
         return sum(2 * g.num_kv_heads * self.ring_length * g.head_dim * self.element_size for g in sliding)
-
-    def pages_for(self, capacity: int) -> int:
-        return math.ceil(capacity / self.page_size)
 
 
 class KVPool:

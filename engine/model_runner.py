@@ -25,7 +25,7 @@ from engine.kv_cache import (
     reference_decoder_attention,
 )
 from engine.sampler import fast_step, reference_step, schedule_temperature
-from engine.sequence import Sequence, kv_capacity
+from engine.sequence import Sequence
 from models.config import ModelConfig
 from models.diffusion_gemma import DiffusionGemma
 
@@ -60,14 +60,6 @@ class ModelRunner:
         if engine_config.fault_injection:
             kind, _, at = engine_config.fault_injection.partition("@")
             self.fault = (kind, int(at))
-
-    def kv_bytes(self, seq: Sequence) -> int:
-        return self.kv_bytes_for(len(seq.prompt_ids), seq.params.max_tokens)
-
-    def kv_bytes_for(self, prompt_len: int, max_tokens: int) -> int:
-        """KV bytes a request of this shape is charged: the pages of its prompt and whole canvases."""
-        capacity = kv_capacity(prompt_len, max_tokens, self.config.canvas_length)
-        return self.layout.pages_for(capacity) * self.layout.page_bytes
 
     def allocate(self, seq: Sequence) -> None:
         """Zero a newly admitted sequence's pages and fix its random stream."""

@@ -10,12 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.kv_cache import KVBudget
-from engine.request import BlockCommitted, Draft, EngineEvent, Finished, FinishReason, Usage
+from engine.request import (
+    BlockCommitted,
+    ContextLengthError,
+    Draft,
+    EngineEvent,
+    Finished,
+    FinishReason,
+    QueueFullError,
+    Usage,
+)
 from engine.sequence import Sequence, Status
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its limit; retry later (HTTP 429/503)."""
 
 
 @dataclass(slots=True)
@@ -41,10 +46,10 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        """Queue a sequence; raises ValueError if it could never fit, QueueFullError if the queue is full."""
+        """Queue a sequence; raises ContextLengthError if it could never fit, QueueFullError if the queue is full."""
         seq.kv_bytes = self.bytes_for(seq)
         if seq.kv_bytes > self.budget.total_bytes:
-            raise ValueError(
+            raise ContextLengthError(
                 f"request needs {seq.kv_bytes / 2**20:.1f} MiB of KV cache for {seq.kv_capacity} tokens, more than "
                 f"the whole budget of {self.budget.total_bytes / 2**20:.1f} MiB; shorten the prompt or max_tokens"
             )

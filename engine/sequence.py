@@ -7,12 +7,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from engine.request import SamplingParams
-
-
-def kv_capacity(prompt_len: int, max_tokens: int, canvas_length: int) -> int:
-    """Slots a sequence can ever hold: prompt, every committed canvas, and the one being denoised."""
-    return prompt_len + math.ceil(max_tokens / canvas_length) * canvas_length
+from engine.request import SamplingParams, kv_capacity
 
 
 class Status(enum.Enum):

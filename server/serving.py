@@ -19,9 +19,19 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from engine.request import BlockCommitted, Draft, EngineEvent, Failed, Finished, SamplingParams
-from engine.scheduler import QueueFullError
+from engine.async_engine import AsyncEngine, RequestStream
+from engine.request import (
+    BlockCommitted,
+    ContextLengthError,
+    Draft,
+    EngineDeadError,
+    EngineEvent,
+    Failed,
+    Finished,
+    InvalidRequestError,
+    QueueFullError,
+    SamplingParams,
+)
 from server.errors import OpenAIError, error_body
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, UnsupportedParameter
@@ -75,12 +85,11 @@ class Serving:
         tokenizer: Tokenizer,
         metrics: Metrics,
         model_name: str,
-        max_model_len: int,
         default_max_tokens: int,
     ) -> None:
         self.engine, self.tokenizer, self.metrics = engine, tokenizer, metrics
-        self.model_name, self.max_model_len, self.default_max_tokens = model_name, max_model_len, default_max_tokens
-        self.vocab_size = engine.engine.model_config.vocab_size
+        self.model_name, self.default_max_tokens = model_name, default_max_tokens
+        self.max_model_len, self.vocab_size = engine.info.max_model_len, engine.info.vocab_size
 
     # --- request -> job ---------------------------------------------------------------------------------------------
 
@@ -167,15 +176,10 @@ class Serving:
             for choice in job.choices:
                 choice.engine_id = f"{job.request_id}-{choice.index}"
                 streams.append(await self.engine.add_request(choice.engine_id, choice.prompt_ids, choice.params))
-        except (ValueError, QueueFullError, EngineDeadError) as exc:
+        except (InvalidRequestError, QueueFullError, EngineDeadError) as exc:
             for stream in streams:
                 self.engine.abort(stream.request_id)
-            if isinstance(exc, QueueFullError):
-                raise OpenAIError(429, "the server is busy; retry shortly", "server_busy", retry_after=1) from None
-            if isinstance(exc, EngineDeadError):
-                raise OpenAIError(503, "the engine is not running", "engine_unavailable", retry_after=5) from None
-            code = "context_length_exceeded" if "KV" in str(exc) else "invalid_request"
-            raise OpenAIError(400, str(exc), code) from None
+            raise _admission_error(exc) from None
         self.metrics.prompt_tokens.inc(job.usage()["prompt_tokens"])
         return streams
 
@@ -330,6 +334,15 @@ class Serving:
             self.metrics.e2e_latency.observe(time.monotonic() - job.arrival)
         finally:
             await events.aclose()
+
+
+def _admission_error(exc: InvalidRequestError | QueueFullError | EngineDeadError) -> OpenAIError:
+    if isinstance(exc, QueueFullError):
+        return OpenAIError(429, "the server is busy; retry shortly", "server_busy", retry_after=1)
+    if isinstance(exc, EngineDeadError):
+        return OpenAIError(503, "the engine is not running", "engine_unavailable", retry_after=5)
+    code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else "invalid_request"
+    return OpenAIError(400, str(exc), code)
 
 
 class _EventBuffer:
