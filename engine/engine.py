@@ -9,6 +9,7 @@ import time
 import torch
 
 from engine.config import EngineConfig
+from engine.constraint import NUM_CANDIDATES, Constraint
 from engine.model_runner import ModelRunner
 from engine.request import (
     BlockCommitted,
@@ -77,7 +78,9 @@ class Engine:
             dtype, device, budget / 2**20, config.max_num_seqs, self.info.max_model_len,
         )  # fmt: skip
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, constraint: Constraint | None = None
+    ) -> None:
         """Queue a request. Raises InvalidRequestError (ContextLengthError: it can never fit) for invalid input,
         QueueFullError when the waiting queue is full."""
         if not prompt_ids:
@@ -86,7 +89,7 @@ class Engine:
         if bad := [t for t in prompt_ids if not 0 <= t < vocab]:
             raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         resolved = params.resolve(self.generation_defaults, self.info.max_model_len, len(prompt_ids))
-        self.scheduler.add(Sequence(request_id, list(prompt_ids), resolved, self.info.canvas_length))
+        self.scheduler.add(Sequence(request_id, list(prompt_ids), resolved, self.info.canvas_length, constraint))
 
     def abort(self, request_id: str) -> None:
         """Stop a request; it leaves the batch before the next iteration and its memory is reused."""
@@ -111,7 +114,13 @@ class Engine:
         forward_s = sampler_s = 0.0
         if batch.denoise:
             argmax, stopped, forward_s, sampler_s = self.runner.denoise(batch.denoise)
-            events.extend(self.scheduler.after_step(batch.denoise, argmax, stopped))
+            constrained = [
+                seq for seq, is_stopped in zip(batch.denoise, stopped, strict=True)
+                if seq.constraint is not None and self.scheduler.commits(seq, is_stopped)
+            ]  # fmt: skip
+            candidates = self.runner.candidates(constrained, NUM_CANDIDATES) if constrained else []
+            by_id = {seq.request_id: c for seq, c in zip(constrained, candidates, strict=True)}
+            events.extend(self.scheduler.after_step(batch.denoise, argmax, stopped, by_id))
         stats = StepStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),

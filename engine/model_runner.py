@@ -11,6 +11,7 @@ import secrets
 import time
 
 import torch
+import torch.nn.functional as F
 
 from engine import noise
 from engine.canvas import CanvasState
@@ -133,6 +134,7 @@ class ModelRunner:
         # A zero SC input is exactly "none" (spec 5, step 2); when every row starts a canvas the SC MLP is skipped.
         soft = self.canvases.soft[: len(rows)] if any(s.canvas_steps for s in seqs) else None
         hidden = self.model.denoise(self.canvases.canvas[: len(rows)], positions, attend, soft)
+        self.last_hidden = hidden  # slot-indexed: what `candidates` reads for constrained rows
         t1 = time.perf_counter()
         if self.reference:
             result = reference_step(
@@ -156,6 +158,24 @@ class ModelRunner:
         out = torch.cat([self.canvases.argmax[: len(rows)], stopped[:, None].long()], dim=1).cpu().tolist()
         t2 = time.perf_counter()
         return [out[s.slot][:c] for s in seqs], [bool(out[s.slot][c]) for s in seqs], t1 - t0, t2 - t1
+
+    @torch.inference_mode()
+    def candidates(self, seqs: list[Sequence], k: int) -> list[list[list[int]]]:
+        """The k most likely ids at each canvas position of the last step, for constrained rows that commit
+        (engine/constraint.py). Raw-logit order, which softcap and temperature keep; a top-k per vocabulary chunk,
+        merged as it goes, so nothing of [rows, C, V] exists. One device-to-host copy."""
+        hidden = self.last_hidden[torch.tensor([s.slot for s in seqs], device=self.device)].flatten(0, 1)
+        weight = self.model.embed_tokens.weight
+        chunk = self.engine_config.sampler_chunk
+        best_values = best_ids = None
+        for start in range(0, weight.shape[0], chunk):
+            values, ids = torch.topk(F.linear(hidden, weight[start : start + chunk]).float(), k, dim=-1)
+            ids += start
+            if best_values is not None:
+                values, picked = torch.topk(torch.cat([best_values, values], -1), k, dim=-1)
+                ids = torch.cat([best_ids, ids], -1).gather(-1, picked)
+            best_values, best_ids = values, ids
+        return best_ids.view(len(seqs), self.config.canvas_length, k).cpu().tolist()
 
     def _temperature(self, seq: Sequence) -> float:
         """The schedule (spec 6.2): reference mode computes it with the reference's own fp32 tensor arithmetic."""

@@ -50,6 +50,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @property
+    def hf(self) -> object:
+        """The transformers tokenizer (for llguidance's view of the vocabulary)."""
+        return self._tokenizer
+
     def chat_prompt_ids(self, messages: list[dict], enable_thinking: bool) -> list[int]:
         """Prompt ids for OpenAI-style messages plus the generation prompt; ValueError for what cannot be rendered."""
         if not messages:
