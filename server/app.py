@@ -27,6 +27,7 @@ from server.lifecycle import ServerState
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, Int, OpenAIModel
 from server.serving import Serving
+from server.structured import Grammars
 from server.text import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ class DetokenizeRequest(BaseModel):
 def create_app(
     engine: AsyncEngine, tokenizer: Tokenizer, metrics: Metrics, config: ServerConfig, state: ServerState
 ) -> FastAPI:
-    serving = Serving(engine, tokenizer, metrics, config.model_name, config.default_max_tokens)
+    grammars = Grammars(tokenizer.hf, engine.info.vocab_size, engine.info.stop_token_ids)
+    serving = Serving(engine, tokenizer, grammars, metrics, config.model_name, config.default_max_tokens)
     max_model_len = engine.info.max_model_len
 
     @asynccontextmanager

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from engine.async_engine import AsyncEngine, RequestStream
+from engine.constraint import Constraint
 from engine.request import (
     BlockCommitted,
     ContextLengthError,
@@ -34,8 +35,16 @@ from engine.request import (
 )
 from server.errors import OpenAIError, error_body
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, UnsupportedParameter
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    InvalidParameter,
+    SamplingFields,
+    UnsupportedParameter,
+)
+from server.structured import GrammarError, Grammars, check_tools, tool_choice
 from server.text import OutputText, Tokenizer
+from server.tools import ToolCall
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +58,9 @@ class Choice:
     prompt_ids: list[int]
     params: SamplingParams
     text: OutputText
+    constraint: Constraint | None = None
     content: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -83,11 +94,12 @@ class Serving:
         self,
         engine: AsyncEngine,
         tokenizer: Tokenizer,
+        grammars: Grammars,
         metrics: Metrics,
         model_name: str,
         default_max_tokens: int,
     ) -> None:
-        self.engine, self.tokenizer, self.metrics = engine, tokenizer, metrics
+        self.engine, self.tokenizer, self.grammars, self.metrics = engine, tokenizer, grammars, metrics
         self.model_name, self.default_max_tokens = model_name, default_max_tokens
         self.max_model_len, self.vocab_size = engine.info.max_model_len, engine.info.vocab_size
 
@@ -104,7 +116,14 @@ class Serving:
             logger.warning("ignoring request fields outside the OpenAI schema: %s", ", ".join(ignored))
 
     def _choices(
-        self, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None, param: str, split: bool
+        self,
+        body: SamplingFields,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        param: str,
+        split: bool,
+        grammar: str | None = None,
+        tool_calls: bool = False,
     ) -> list[Choice]:
         choices = []
         for p, ids in enumerate(prompts):
@@ -120,8 +139,9 @@ class Serving:
             for sample in range(body.n):
                 params = self._sampling_params(body, budget, sample)
                 index = p * body.n + sample
-                text = OutputText(self.tokenizer, body.stop_strings, split_reasoning=split)
-                choices.append(Choice(index, "", ids, params, text))
+                text = OutputText(self.tokenizer, body.stop_strings, split_reasoning=split, tool_calls=tool_calls)
+                constraint = None if grammar is None else self.grammars.constraint(grammar, budget)
+                choices.append(Choice(index, "", ids, params, text, constraint))
         return choices
 
     @staticmethod
@@ -159,12 +179,24 @@ class Serving:
         return Job(request_id, "completion", body, choices, time.monotonic())
 
     def chat_job(self, body: ChatCompletionRequest, request_id: str) -> Job:
+        """Runs in a worker thread: grammars compile here, never on the event loop."""
         self._check_common(body)
         try:
-            ids = self.tokenizer.chat_prompt_ids(body.template_messages(), body.enable_thinking)
+            tools = check_tools(body.tools) if body.tools is not None else {}
+            choice = tool_choice(body.tool_choice, tools, body.parallel_tool_calls)
+            if choice.names:
+                grammar = self.grammars.tool_calls(tools, choice)
+            else:
+                grammar = self.grammars.response_format(body.response_format) if body.response_format else None
+            messages = body.template_messages()
+        except (GrammarError, InvalidParameter) as exc:
+            raise OpenAIError(400, str(exc), "invalid_request", exc.param) from None
+        offered = body.tools if tools and body.tool_choice != "none" else None
+        try:
+            ids = self.tokenizer.chat_prompt_ids(messages, body.enable_thinking, offered)
         except ValueError as exc:
             raise OpenAIError(400, f"cannot apply the chat template: {exc}", "invalid_messages", "messages") from None
-        choices = self._choices(body, [ids], body.requested_max_tokens, "messages", split=True)
+        choices = self._choices(body, [ids], body.requested_max_tokens, "messages", True, grammar, bool(offered))
         return Job(request_id, "chat", body, choices, time.monotonic())
 
     # --- admission ----------------------------------------------------------------------------------------------------
@@ -175,7 +207,9 @@ class Serving:
         try:
             for choice in job.choices:
                 choice.engine_id = f"{job.request_id}-{choice.index}"
-                streams.append(await self.engine.add_request(choice.engine_id, choice.prompt_ids, choice.params))
+                streams.append(
+                    await self.engine.add_request(choice.engine_id, choice.prompt_ids, choice.params, choice.constraint)
+                )
         except (InvalidRequestError, QueueFullError, EngineDeadError) as exc:
             for stream in streams:
                 self.engine.abort(stream.request_id)
@@ -222,7 +256,10 @@ class Serving:
                 choice.finish_reason = "stop"
         elif isinstance(event, Finished):
             delta = choice.text.flush()
-            choice.finish_reason = choice.finish_reason or event.finish_reason.value
+            reason = event.finish_reason.value
+            # A reply that called tools and ended there (the model writes <|tool_response> next) asks for results.
+            called = bool(choice.tool_calls or delta.tool_calls) and reason == "stop"
+            choice.finish_reason = choice.finish_reason or ("tool_calls" if called else reason)
             choice.completion_tokens = event.usage.completion_tokens
             self.metrics.tokens_per_forward.observe(event.usage.tokens_per_forward)
         else:
@@ -230,6 +267,7 @@ class Serving:
         self.metrics.generation_tokens.inc(len(event.token_ids) if isinstance(event, BlockCommitted) else 0)
         choice.content.append(delta.content)
         choice.reasoning.append(delta.reasoning)
+        choice.tool_calls.extend(delta.tool_calls)
         return delta.content, delta.reasoning
 
     async def collect(self, job: Job, streams: list[RequestStream], request: Request) -> JSONResponse:
@@ -258,9 +296,12 @@ class Serving:
             if job.kind == "completion":
                 choices.append({"index": c.index, "text": content, "logprobs": None, "finish_reason": c.finish_reason})
             else:
-                message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+                message: dict[str, Any] = {"role": "assistant", "content": content or None if c.tool_calls else content,
+                                           "refusal": None}  # fmt: skip
                 if reasoning := "".join(c.reasoning):
                     message["reasoning_content"] = reasoning
+                if c.tool_calls:
+                    message["tool_calls"] = [call.openai() for call in c.tool_calls]
                 choices.append({"index": c.index, "message": message, "logprobs": None,
                                 "finish_reason": c.finish_reason})  # fmt: skip
         return {"id": job.request_id, "object": job.object_name, "created": job.created, "model": self.model_name,
@@ -281,7 +322,10 @@ class Serving:
             body["usage"] = usage
         return json.dumps(body, ensure_ascii=False)
 
-    def _choice_chunk(self, job: Job, c: Choice, content: str, reasoning: str, finish: str | None) -> dict:
+    def _choice_chunk(
+        self, job: Job, c: Choice, content: str, reasoning: str, finish: str | None, calls: int = 0
+    ) -> dict:
+        """`calls`: how many of the choice's latest tool calls this chunk carries."""
         if job.kind == "completion":
             return {"index": c.index, "text": content, "logprobs": None, "finish_reason": finish}
         delta: dict[str, Any] = {}
@@ -292,6 +336,9 @@ class Serving:
             delta["content"] = delta.get("content", "") + content
         if reasoning:
             delta["reasoning_content"] = reasoning
+        if calls:
+            first = len(c.tool_calls) - calls
+            delta["tool_calls"] = [call.openai(first + i) for i, call in enumerate(c.tool_calls[first:])]
         return {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     async def _sse(self, job: Job, streams: list[RequestStream]) -> AsyncIterator[dict[str, str]]:
@@ -318,13 +365,16 @@ class Serving:
                                                                  "step": event.step, "text": draft})}  # fmt: skip
                     continue
                 was_done = choice.finish_reason is not None
+                calls_before = len(choice.tool_calls)
                 content, reasoning = self._apply(job, choice, event)
                 if was_done:
                     continue
+                calls = len(choice.tool_calls) - calls_before
                 finish = choice.finish_reason if (isinstance(event, Finished) or choice.finish_reason) else None
                 usage = job.usage() if continuous else None
-                if content or reasoning or (job.kind == "chat" and not choice.started):
-                    yield {"data": self._chunk(job, [self._choice_chunk(job, choice, content, reasoning, None)], usage)}
+                if content or reasoning or calls or (job.kind == "chat" and not choice.started):
+                    chunk = self._choice_chunk(job, choice, content, reasoning, None, calls)
+                    yield {"data": self._chunk(job, [chunk], usage)}
                 if finish is not None:
                     yield {"data": self._chunk(job, [self._choice_chunk(job, choice, "", "", finish)], usage)}
                     stop = isinstance(event, BlockCommitted)
