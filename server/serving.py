@@ -67,21 +67,63 @@ class Choice:
     started: bool = False  # the role chunk went out (chat streaming)
 
 
+class CompletionFormat:
+    """How /v1/completions writes a choice: text."""
+
+    object, chunk_object = "text_completion", "text_completion"
+    opens_with_role = False  # no first chunk before any text
+
+    def choice(self, c: Choice) -> dict[str, Any]:
+        return {"index": c.index, "text": "".join(c.content), "logprobs": None, "finish_reason": c.finish_reason}
+
+    def chunk_choice(self, c: Choice, content: str, reasoning: str, finish: str | None, calls: int) -> dict[str, Any]:
+        return {"index": c.index, "text": content, "logprobs": None, "finish_reason": finish}
+
+
+class ChatFormat:
+    """How /v1/chat/completions writes a choice: an assistant message with reasoning and tool calls; streamed, the
+    role first, then content, reasoning and tool-call deltas."""
+
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+    opens_with_role = True
+
+    def choice(self, c: Choice) -> dict[str, Any]:
+        content = "".join(c.content)
+        message: dict[str, Any] = {"role": "assistant", "content": content or None if c.tool_calls else content,
+                                   "refusal": None}  # fmt: skip
+        if reasoning := "".join(c.reasoning):
+            message["reasoning_content"] = reasoning
+        if c.tool_calls:
+            message["tool_calls"] = [call.openai() for call in c.tool_calls]
+        return {"index": c.index, "message": message, "logprobs": None, "finish_reason": c.finish_reason}
+
+    def chunk_choice(self, c: Choice, content: str, reasoning: str, finish: str | None, calls: int) -> dict[str, Any]:
+        """`calls`: how many of the choice's latest tool calls this chunk carries."""
+        delta: dict[str, Any] = {}
+        if not c.started:
+            c.started = True
+            delta = {"role": "assistant", "content": ""}
+        if content:
+            delta["content"] = delta.get("content", "") + content
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if calls:
+            first = len(c.tool_calls) - calls
+            delta["tool_calls"] = [call.openai(first + i) for i, call in enumerate(c.tool_calls[first:])]
+        return {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
 @dataclass(slots=True)
 class Job:
     """Everything one HTTP request runs."""
 
     request_id: str
-    kind: str  # "completion" or "chat"
+    format: CompletionFormat | ChatFormat
     body: SamplingFields
     choices: list[Choice]
     arrival: float
     created: int = field(default_factory=lambda: int(time.time()))
     first_block_seen: bool = False
-
-    @property
-    def object_name(self) -> str:
-        return "text_completion" if self.kind == "completion" else "chat.completion"
 
     def usage(self) -> dict[str, int]:
         prompt = sum(len(c.prompt_ids) for c in self.choices if c.index % self.body.n == 0)  # each prompt once
@@ -176,7 +218,7 @@ class Serving:
                 raise OpenAIError(400, f"token id {bad[0]} is outside the vocabulary", "invalid_prompt", "prompt")
             prompts.append(ids)
         choices = self._choices(body, prompts, body.max_tokens, "prompt", split=False)
-        return Job(request_id, "completion", body, choices, time.monotonic())
+        return Job(request_id, CompletionFormat(), body, choices, time.monotonic())
 
     def chat_job(self, body: ChatCompletionRequest, request_id: str) -> Job:
         """Runs in a worker thread: grammars compile here, never on the event loop."""
@@ -197,7 +239,7 @@ class Serving:
         except ValueError as exc:
             raise OpenAIError(400, f"cannot apply the chat template: {exc}", "invalid_messages", "messages") from None
         choices = self._choices(body, [ids], body.requested_max_tokens, "messages", True, grammar, bool(offered))
-        return Job(request_id, "chat", body, choices, time.monotonic())
+        return Job(request_id, ChatFormat(), body, choices, time.monotonic())
 
     # --- admission ----------------------------------------------------------------------------------------------------
 
@@ -290,21 +332,8 @@ class Serving:
         return JSONResponse(self._final_body(job))
 
     def _final_body(self, job: Job) -> dict[str, Any]:
-        choices = []
-        for c in sorted(job.choices, key=lambda c: c.index):
-            content = "".join(c.content)
-            if job.kind == "completion":
-                choices.append({"index": c.index, "text": content, "logprobs": None, "finish_reason": c.finish_reason})
-            else:
-                message: dict[str, Any] = {"role": "assistant", "content": content or None if c.tool_calls else content,
-                                           "refusal": None}  # fmt: skip
-                if reasoning := "".join(c.reasoning):
-                    message["reasoning_content"] = reasoning
-                if c.tool_calls:
-                    message["tool_calls"] = [call.openai() for call in c.tool_calls]
-                choices.append({"index": c.index, "message": message, "logprobs": None,
-                                "finish_reason": c.finish_reason})  # fmt: skip
-        return {"id": job.request_id, "object": job.object_name, "created": job.created, "model": self.model_name,
+        choices = [job.format.choice(c) for c in sorted(job.choices, key=lambda c: c.index)]
+        return {"id": job.request_id, "object": job.format.object, "created": job.created, "model": self.model_name,
                 "choices": choices, "usage": job.usage()}  # fmt: skip
 
     def stream(self, job: Job, streams: list[RequestStream]) -> EventSourceResponse:
@@ -313,7 +342,7 @@ class Serving:
     def _chunk(self, job: Job, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
         body: dict[str, Any] = {
             "id": job.request_id,
-            "object": "text_completion" if job.kind == "completion" else "chat.completion.chunk",
+            "object": job.format.chunk_object,
             "created": job.created,
             "model": self.model_name,
             "choices": choices,
@@ -321,25 +350,6 @@ class Serving:
         if usage is not None:
             body["usage"] = usage
         return json.dumps(body, ensure_ascii=False)
-
-    def _choice_chunk(
-        self, job: Job, c: Choice, content: str, reasoning: str, finish: str | None, calls: int = 0
-    ) -> dict:
-        """`calls`: how many of the choice's latest tool calls this chunk carries."""
-        if job.kind == "completion":
-            return {"index": c.index, "text": content, "logprobs": None, "finish_reason": finish}
-        delta: dict[str, Any] = {}
-        if not c.started:
-            c.started = True
-            delta = {"role": "assistant", "content": ""}
-        if content:
-            delta["content"] = delta.get("content", "") + content
-        if reasoning:
-            delta["reasoning_content"] = reasoning
-        if calls:
-            first = len(c.tool_calls) - calls
-            delta["tool_calls"] = [call.openai(first + i) for i, call in enumerate(c.tool_calls[first:])]
-        return {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     async def _sse(self, job: Job, streams: list[RequestStream]) -> AsyncIterator[dict[str, str]]:
         options = job.body.stream_options
@@ -372,11 +382,11 @@ class Serving:
                 calls = len(choice.tool_calls) - calls_before
                 finish = choice.finish_reason if (isinstance(event, Finished) or choice.finish_reason) else None
                 usage = job.usage() if continuous else None
-                if content or reasoning or calls or (job.kind == "chat" and not choice.started):
-                    chunk = self._choice_chunk(job, choice, content, reasoning, None, calls)
+                if content or reasoning or calls or (job.format.opens_with_role and not choice.started):
+                    chunk = job.format.chunk_choice(choice, content, reasoning, None, calls)
                     yield {"data": self._chunk(job, [chunk], usage)}
                 if finish is not None:
-                    yield {"data": self._chunk(job, [self._choice_chunk(job, choice, "", "", finish)], usage)}
+                    yield {"data": self._chunk(job, [job.format.chunk_choice(choice, "", "", finish, 0)], usage)}
                     stop = isinstance(event, BlockCommitted)
             if options and options.include_usage:
                 yield {"data": self._chunk(job, [], job.usage())}
