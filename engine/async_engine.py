@@ -18,14 +18,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
+from engine.constraint import Constraint
 from engine.engine import Engine
-from engine.request import EngineEvent, Failed, Finished, SamplingParams, StepStats
+from engine.request import EngineDeadError, EngineEvent, EngineInfo, Failed, Finished, SamplingParams, StepStats
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread has stopped; nothing more will be served."""
 
 
 @dataclass(slots=True)
@@ -33,6 +30,7 @@ class _Add:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    constraint: Constraint | None
     events: asyncio.Queue[EngineEvent]
     loop: asyncio.AbstractEventLoop
     accepted: Future[None]
@@ -72,17 +70,23 @@ class AsyncEngine:
         self._thread.start()
         loaded.result()
 
-    async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
-        """Submit a request; raises ValueError (bad input) or QueueFullError before any event is produced."""
+    async def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, constraint: Constraint | None = None
+    ) -> RequestStream:
+        """Submit a request; raises InvalidRequestError (bad input) or QueueFullError before any event is produced."""
         self.check_health()
         loop = asyncio.get_running_loop()
-        command = _Add(request_id, prompt_ids, params, asyncio.Queue(), loop, Future())
+        command = _Add(request_id, prompt_ids, params, constraint, asyncio.Queue(), loop, Future())
         self._commands.put(command)
         await asyncio.wrap_future(command.accepted)
         return RequestStream(self, request_id, command.events)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(request_id)
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
 
     @property
     def num_in_flight(self) -> int:
@@ -133,7 +137,7 @@ class AsyncEngine:
 
     def _add(self, command: _Add) -> None:
         try:
-            self.engine.add_request(command.request_id, command.prompt_ids, command.params)
+            self.engine.add_request(command.request_id, command.prompt_ids, command.params, command.constraint)
         except Exception as exc:  # ValueError or QueueFullError, handed to the caller's await
             command.accepted.set_exception(exc)
             return

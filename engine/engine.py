@@ -6,9 +6,20 @@ import logging
 import time
 
 from engine.config import EngineConfig
+from engine.constraint import NUM_CANDIDATES, Constraint
 from engine.memory import check_memory, free_memory_bytes
 from engine.model_runner import ModelRunner
-from engine.request import BlockCommitted, EngineEvent, Finished, FinishReason, SamplingParams, StepStats, Usage
+from engine.request import (
+    BlockCommitted,
+    EngineEvent,
+    EngineInfo,
+    Finished,
+    FinishReason,
+    InvalidRequestError,
+    SamplingParams,
+    StepStats,
+    Usage,
+)
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from models.config import GenerationDefaults, ModelConfig, load_config
@@ -40,31 +51,45 @@ class Engine:
                 quantization=config.quantization,
             )
         self.model, self.model_config, self.generation_defaults = model
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         budget = config.kv_budget_bytes or int(free_memory_bytes(device) * config.kv_budget_fraction)
-        self.runner = ModelRunner(self.model, self.model_config, config, budget, self.max_model_len)
+        self.runner = ModelRunner(self.model, self.model_config, config, budget, max_model_len)
+        layout = self.runner.layout
+        self.info = EngineInfo(
+            max_model_len=max_model_len,
+            vocab_size=self.model_config.vocab_size,
+            canvas_length=self.model_config.canvas_length,
+            max_num_seqs=config.max_num_seqs,
+            stop_token_ids=tuple(self.generation_defaults.eos_token_ids),
+            kv_budget_bytes=self.runner.budget.total_bytes,
+            kv_page_tokens=layout.page_size,
+            kv_page_bytes=layout.page_bytes,
+        )
         self.scheduler = Scheduler(
             self.runner.budget,
             config.max_num_seqs,
             config.max_waiting,
-            self.runner.kv_bytes,
+            lambda seq: self.info.kv_bytes_for(len(seq.prompt_ids), seq.params.max_tokens),
             prefill_chunk=None if config.reference_mode else config.prefill_chunk,
         )
         self._pending: list[EngineEvent] = []  # produced between steps (aborts)
         logger.info(
             "engine ready: %s on %s, KV budget %.1f MiB, up to %d sequences, max_model_len %d",
-            dtype, device, budget / 2**20, config.max_num_seqs, self.max_model_len,
+            dtype, device, budget / 2**20, config.max_num_seqs, self.info.max_model_len,
         )  # fmt: skip
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request. Raises ValueError for invalid input, QueueFullError when the waiting queue is full."""
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, constraint: Constraint | None = None
+    ) -> None:
+        """Queue a request. Raises InvalidRequestError (ContextLengthError: it can never fit) for invalid input,
+        QueueFullError when the waiting queue is full."""
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.info.vocab_size
         if bad := [t for t in prompt_ids if not 0 <= t < vocab]:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        resolved = params.resolve(self.generation_defaults, self.max_model_len, len(prompt_ids))
-        self.scheduler.add(Sequence(request_id, list(prompt_ids), resolved, self.model_config.canvas_length))
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        resolved = params.resolve(self.generation_defaults, self.info.max_model_len, len(prompt_ids))
+        self.scheduler.add(Sequence(request_id, list(prompt_ids), resolved, self.info.canvas_length, constraint))
 
     def abort(self, request_id: str) -> None:
         """Stop a request; it leaves the batch before the next iteration and its memory is reused."""
@@ -89,7 +114,13 @@ class Engine:
         denoise_s = 0.0
         if batch.denoise:
             argmax, stopped, denoise_s = self.runner.denoise(batch.denoise)
-            events.extend(self.scheduler.after_step(batch.denoise, argmax, stopped))
+            constrained = [
+                seq for seq, is_stopped in zip(batch.denoise, stopped, strict=True)
+                if seq.constraint is not None and self.scheduler.commits(seq, is_stopped)
+            ]  # fmt: skip
+            candidates = self.runner.candidates(constrained, NUM_CANDIDATES) if constrained else []
+            by_id = {seq.request_id: c for seq, c in zip(constrained, candidates, strict=True)}
+            events.extend(self.scheduler.after_step(batch.denoise, argmax, stopped, by_id))
         stats = StepStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),

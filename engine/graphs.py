@@ -25,7 +25,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-StepFn = Callable[..., torch.Tensor]  # ModelRunner.step(inputs, self_condition, scaled_proposals)
+Outputs = tuple[torch.Tensor, torch.Tensor]  # [rows, C + 1] argmax and stop flags, [rows, C, H] hidden states
+
+StepFn = Callable[..., Outputs]  # ModelRunner.step(inputs, self_condition, scaled_proposals)
 InputsFn = Callable[[list, int], dict[str, torch.Tensor]]  # ModelRunner.step_inputs(rows, width) on the host
 
 
@@ -54,7 +56,7 @@ class StepGraphs:
             partial(step, self_condition=True, scaled_proposals=True), fullgraph=True, backend=backend
         )
         self.pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        self.buckets: dict[tuple[int, int], tuple[dict[str, torch.Tensor], Callable[[], torch.Tensor]]] = {}
+        self.buckets: dict[tuple[int, int], tuple[dict[str, torch.Tensor], Callable[[], Outputs]]] = {}
         # Largest first: smaller graphs then reuse the shared pool's memory.
         keys = [(rows, width) for rows in reversed(row_buckets) for width in reversed(width_buckets)]
         start = time.perf_counter()
@@ -64,8 +66,8 @@ class StepGraphs:
             self.buckets[rows, width] = self._capture(_dynamic(self._to_device(step_inputs([None] * rows, width))))
         logger.info("denoising step ready: %d buckets in %.1f s", len(keys), time.perf_counter() - start)
 
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Run a step on host inputs from `step_inputs`; returns the bucket's [rows, C + 1] output."""
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> Outputs:
+        """Run a step on host inputs from `step_inputs`; returns the bucket's outputs (valid until its next step)."""
         bucket = self.buckets.get(tuple(inputs["table"].shape))
         if bucket is None:  # wider than any captured bucket
             return self.compiled(_dynamic(self._to_device(inputs)))
@@ -78,7 +80,7 @@ class StepGraphs:
         return {name: x.to(self.device, non_blocking=True) for name, x in inputs.items()}
 
     @torch.no_grad()  # as steps run: grad mode is part of a compiled graph's guards
-    def _capture(self, static: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Callable[[], torch.Tensor]]:
+    def _capture(self, static: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Callable[[], Outputs]]:
         """Compile for these inputs (idle rows: nothing of the engine's state changes) and, on CUDA, capture."""
         run = partial(self.compiled, static)
         if not self.cuda_graphs:
@@ -93,7 +95,7 @@ class StepGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             out = run()
 
-        def replay() -> torch.Tensor:
+        def replay() -> Outputs:
             graph.replay()
             return out
 

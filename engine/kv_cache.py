@@ -78,8 +78,8 @@ class KVLayout:
         sliding = [g for g in self.config.layers if g.is_sliding]
         return sum(2 * g.num_kv_heads * self.ring_length * g.head_dim * self.element_size for g in sliding)
 
-    def pages_for(self, capacity: int) -> int:
-        return math.ceil(capacity / self.page_size)
+    def pages_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.page_size)
 
 
 class KVPool:

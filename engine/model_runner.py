@@ -12,6 +12,7 @@ import secrets
 import time
 
 import torch
+import torch.nn.functional as F
 
 from engine import noise
 from engine.canvas import CanvasState
@@ -29,7 +30,7 @@ from engine.kv_cache import (
     reference_decoder_attention,
 )
 from engine.sampler import fast_step, reference_step, schedule_temperature
-from engine.sequence import Sequence, kv_capacity
+from engine.sequence import Sequence
 from models.config import ModelConfig
 from models.diffusion_gemma import DiffusionGemma
 
@@ -86,14 +87,6 @@ class ModelRunner:
         if engine_config.fault_injection:
             kind, _, at = engine_config.fault_injection.partition("@")
             self.fault = (kind, int(at))
-
-    def kv_bytes(self, seq: Sequence) -> int:
-        return self.kv_bytes_for(len(seq.prompt_ids), seq.params.max_tokens)
-
-    def kv_bytes_for(self, prompt_len: int, max_tokens: int) -> int:
-        """KV bytes a request of this shape is charged: the pages of its prompt and whole canvases."""
-        capacity = kv_capacity(prompt_len, max_tokens, self.config.canvas_length)
-        return self.layout.pages_for(capacity) * self.layout.page_bytes
 
     def allocate(self, seq: Sequence) -> None:
         """Zero a newly admitted sequence's pages and fix its random stream."""
@@ -159,26 +152,29 @@ class ModelRunner:
             rows[seq.slot] = seq
         inputs = self.step_inputs(rows, page_bucket(max(len(s.pages) for s in seqs)))
         if self.graphs is not None:
-            out = self.graphs(inputs)
+            out, hidden = self.graphs(inputs)
         else:
             inputs = {name: x.to(self.device, non_blocking=True) for name, x in inputs.items()}
             if self.reference:
-                out = self._reference_step(seqs[0], inputs)
+                out, hidden = self._reference_step(seqs[0], inputs)
             else:
                 # Eager only: a batch of first steps skips the SC MLP, and factors of 0 or 1 skip the scaled exp
                 # pass. Both give the same bits as the full computation, which is what a compiled step runs.
-                out = self.step(
+                out, hidden = self.step(
                     inputs,
                     self_condition=any(s.canvas_steps for s in seqs),
                     scaled_proposals=any(s.params.temperature not in (0.0, 1.0) for s in seqs),
                 )
+        self.last_hidden = hidden  # slot-indexed: what `candidates` reads for constrained rows that commit
         out = out.cpu().tolist()  # the step's one device-to-host copy
         return [out[s.slot][:c] for s in seqs], [bool(out[s.slot][c]) for s in seqs], time.perf_counter() - t0
 
-    def step(self, inputs: dict[str, torch.Tensor], self_condition: bool, scaled_proposals: bool) -> torch.Tensor:
+    def step(
+        self, inputs: dict[str, torch.Tensor], self_condition: bool, scaled_proposals: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder forward, the sampler and the canvas update over a bucket of rows, from device tensors only
-        (what torch.compile traces and a CUDA graph captures). Returns [rows, C + 1]: each row's argmax canvas and
-        its stop flag."""
+        (what torch.compile traces and a CUDA graph captures). Returns [rows, C + 1], each row's argmax canvas and
+        its stop flag, and the final hidden states [rows, C, H]."""
         rows, c = inputs["length"].shape[0], self.config.canvas_length
         positions = inputs["length"][:, None] + torch.arange(c, device=self.device)
         attend = decoder_attention(self.pool, decoder_batch(self.pool, inputs["table"], inputs["length"], c))
@@ -197,9 +193,9 @@ class ModelRunner:
         stopped = self.canvases.update(
             result, inputs["denoising"], inputs["stability_threshold"], inputs["confidence_threshold"]
         )
-        return torch.cat([self.canvases.argmax[:rows], stopped[:, None].long()], dim=1)
+        return torch.cat([self.canvases.argmax[:rows], stopped[:, None].long()], dim=1), hidden
 
-    def _reference_step(self, seq: Sequence, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _reference_step(self, seq: Sequence, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One row as generate() runs it: exact keys, its own SDPA calls, the global generator."""
         c = self.config.canvas_length
         positions = seq.length + torch.arange(c, device=self.device)[None]
@@ -212,7 +208,25 @@ class ModelRunner:
         stopped = self.canvases.update(
             result, inputs["denoising"], inputs["stability_threshold"], inputs["confidence_threshold"]
         )
-        return torch.cat([self.canvases.argmax[:1], stopped[:, None].long()], dim=1)
+        return torch.cat([self.canvases.argmax[:1], stopped[:, None].long()], dim=1), hidden
+
+    @torch.inference_mode()
+    def candidates(self, seqs: list[Sequence], k: int) -> list[list[list[int]]]:
+        """The k most likely ids at each canvas position of the last step, for constrained rows that commit
+        (engine/constraint.py). Raw-logit order, which softcap and temperature keep; a top-k per vocabulary chunk,
+        merged as it goes, so nothing of [rows, C, V] exists. One device-to-host copy."""
+        hidden = self.last_hidden[torch.tensor([s.slot for s in seqs], device=self.device)].flatten(0, 1)
+        weight = self.model.embed_tokens.weight
+        chunk = self.engine_config.sampler_chunk
+        best_values = best_ids = None
+        for start in range(0, weight.shape[0], chunk):
+            values, ids = torch.topk(F.linear(hidden, weight[start : start + chunk]).float(), k, dim=-1)
+            ids += start
+            if best_values is not None:
+                values, picked = torch.topk(torch.cat([best_values, values], -1), k, dim=-1)
+                ids = torch.cat([best_ids, ids], -1).gather(-1, picked)
+            best_values, best_ids = values, ids
+        return best_ids.view(len(seqs), self.config.canvas_length, k).cpu().tolist()
 
     def _temperature(self, seq: Sequence) -> float:
         """The schedule (spec 6.2): reference mode computes it with the reference's own fp32 tensor arithmetic."""

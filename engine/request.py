@@ -1,8 +1,10 @@
-"""Requests, their per-request sampling parameters, and the events the engine emits. No torch here."""
+"""Requests, their per-request sampling parameters, the events the engine emits, what it tells its callers about
+itself, and the errors it raises. No torch here."""
 
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field, replace
 
@@ -38,16 +40,17 @@ class SamplingParams:
     stream_drafts: bool = False  # emit the argmax canvas after every denoising step
 
     def resolve(self, defaults: GenerationDefaults, max_model_len: int, prompt_len: int) -> SamplingParams:
-        """Fill unset fields from the checkpoint's defaults and check every value; raises ValueError."""
+        """Fill unset fields from the checkpoint's defaults and check every value; raises InvalidRequestError
+        (ContextLengthError when prompt + max_tokens exceed max_model_len)."""
         unset = {name: getattr(defaults, default) for name, default in _DEFAULTS.items() if getattr(self, name) is None}
         p = replace(self, **unset)
         p = replace(p, stop_token_ids=tuple(p.stop_token_ids))
+        if p.max_tokens >= 1 and prompt_len + p.max_tokens > max_model_len:
+            raise ContextLengthError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({p.max_tokens}) exceeds max_model_len {max_model_len}"
+            )
         checks = [
             (p.max_tokens >= 1, f"max_tokens must be >= 1, got {p.max_tokens}"),
-            (
-                prompt_len + p.max_tokens <= max_model_len,
-                f"prompt ({prompt_len} tokens) + max_tokens ({p.max_tokens}) exceeds max_model_len {max_model_len}",
-            ),
             (p.max_denoising_steps >= 1, f"max_denoising_steps must be >= 1, got {p.max_denoising_steps}"),
             (p.entropy_bound > 0, f"entropy_bound must be > 0, got {p.entropy_bound}"),
             (0 < p.t_min <= p.t_max, f"need 0 < t_min <= t_max, got t_min={p.t_min}, t_max={p.t_max}"),
@@ -58,8 +61,49 @@ class SamplingParams:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise InvalidRequestError(message)
         return p
+
+
+class InvalidRequestError(ValueError):
+    """The request itself is wrong (HTTP 400)."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """The request can never fit: prompt + max_tokens beyond max_model_len or the whole KV budget (HTTP 400,
+    context_length_exceeded)."""
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit; retry later (HTTP 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; nothing more will be served (HTTP 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What callers of the engine may know about it: fixed when the engine is built."""
+
+    max_model_len: int  # prompt + max_tokens at most
+    vocab_size: int
+    canvas_length: int
+    max_num_seqs: int
+    stop_token_ids: tuple[int, ...]  # the checkpoint's eos ids: what ends a reply by default
+    kv_budget_bytes: int  # KV memory for all sequences' pages
+    kv_page_tokens: int
+    kv_page_bytes: int
+
+    def kv_bytes_for(self, prompt_len: int, max_tokens: int) -> int:
+        """KV bytes a request of this shape is charged: the pages of its prompt and of whole canvases."""
+        capacity = kv_capacity(prompt_len, max_tokens, self.canvas_length)
+        return math.ceil(capacity / self.kv_page_tokens) * self.kv_page_bytes
+
+
+def kv_capacity(prompt_len: int, max_tokens: int, canvas_length: int) -> int:
+    """Slots a sequence can ever hold: prompt, every committed canvas, and the one being denoised."""
+    return prompt_len + math.ceil(max_tokens / canvas_length) * canvas_length
 
 
 class FinishReason(str, enum.Enum):

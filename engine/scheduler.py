@@ -10,12 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.kv_cache import KVBudget
-from engine.request import BlockCommitted, Draft, EngineEvent, Finished, FinishReason, Usage
+from engine.request import (
+    BlockCommitted,
+    ContextLengthError,
+    Draft,
+    EngineEvent,
+    Finished,
+    FinishReason,
+    QueueFullError,
+    Usage,
+)
 from engine.sequence import Sequence, Status
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its limit; retry later (HTTP 429/503)."""
 
 
 @dataclass(slots=True)
@@ -41,10 +46,10 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        """Queue a sequence; raises ValueError if it could never fit, QueueFullError if the queue is full."""
+        """Queue a sequence; raises ContextLengthError if it could never fit, QueueFullError if the queue is full."""
         seq.kv_bytes = self.bytes_for(seq)
         if seq.kv_bytes > self.budget.total_bytes:
-            raise ValueError(
+            raise ContextLengthError(
                 f"request needs {seq.kv_bytes / 2**20:.1f} MiB of KV cache for {seq.kv_capacity} tokens, more than "
                 f"the whole budget of {self.budget.total_bytes / 2**20:.1f} MiB; shorten the prompt or max_tokens"
             )
@@ -92,23 +97,41 @@ class Scheduler:
         self.budget.free(seq.slot, seq.pages)
         seq.slot, seq.pages, seq.status = -1, [], Status.FINISHED
 
-    def after_step(self, seqs: list[Sequence], argmax: list[list[int]], stopped: list[bool]) -> list[EngineEvent]:
-        """Count the step; finish canvases that stopped or ran out of steps; emit drafts, blocks and finishes."""
+    @staticmethod
+    def commits(seq: Sequence, is_stopped: bool) -> bool:
+        """Whether the step just run (not yet counted by after_step) finishes this sequence's canvas."""
+        return is_stopped or seq.steps_left == 1
+
+    def after_step(
+        self,
+        seqs: list[Sequence],
+        argmax: list[list[int]],
+        stopped: list[bool],
+        candidates: dict[str, list[list[int]]],
+    ) -> list[EngineEvent]:
+        """Count the step; finish canvases that stopped or ran out of steps; emit drafts, blocks and finishes.
+        `candidates` holds the top-k ids per position of each constrained sequence whose canvas commits."""
         events: list[EngineEvent] = []
         for seq, tokens, is_stopped in zip(seqs, argmax, stopped, strict=True):
+            commits = self.commits(seq, is_stopped)
             seq.canvas_steps += 1
             seq.num_denoise_steps += 1
             if seq.params.stream_drafts:
                 remaining = seq.params.max_tokens - seq.num_output_tokens
                 events.append(Draft(seq.request_id, tokens[:remaining], seq.canvas_steps))
-            if is_stopped or seq.steps_left == 0:
-                events.extend(self._finish_canvas(seq, tokens))
+            if commits:
+                events.extend(self._finish_canvas(seq, tokens, candidates.get(seq.request_id)))
         return events
 
-    def _finish_canvas(self, seq: Sequence, tokens: list[int]) -> list[EngineEvent]:
-        """Commit the argmax canvas: stream it up to a stop token or max_tokens, else queue it for the encoder."""
+    def _finish_canvas(self, seq: Sequence, tokens: list[int], candidates: list[list[int]] | None) -> list[EngineEvent]:
+        """Commit the argmax canvas (walked under the grammar if constrained): stream it up to a stop token, the
+        grammar's end or max_tokens, else queue it for the encoder."""
         remaining = seq.params.max_tokens - seq.num_output_tokens
         window = tokens[:remaining]
+        complete = False
+        if seq.constraint is not None:
+            window, complete = seq.constraint.commit(window, candidates, remaining)
+            tokens = window + tokens[len(window) :]
         stop_ids = set(seq.params.stop_token_ids)
         stop_at = next((i for i, t in enumerate(window) if t in stop_ids), None)
         kept = window if stop_at is None else window[:stop_at]
@@ -117,8 +140,8 @@ class Scheduler:
             events.append(BlockCommitted(seq.request_id, kept, seq.canvas_steps))
         seq.num_output_tokens += len(kept)
         seq.num_canvases += 1
-        if stop_at is not None or remaining <= seq.canvas_length:
-            reason = FinishReason.STOP if stop_at is not None else FinishReason.LENGTH
+        if stop_at is not None or complete or remaining <= seq.canvas_length:
+            reason = FinishReason.STOP if stop_at is not None or complete else FinishReason.LENGTH
             usage = Usage(
                 prompt_tokens=len(seq.prompt_ids),
                 completion_tokens=seq.num_output_tokens + (stop_at is not None),  # the stop token counts

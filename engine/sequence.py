@@ -7,12 +7,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from engine.request import SamplingParams
-
-
-def kv_capacity(prompt_len: int, max_tokens: int, canvas_length: int) -> int:
-    """Slots a sequence can ever hold: prompt, every committed canvas, and the one being denoised."""
-    return prompt_len + math.ceil(max_tokens / canvas_length) * canvas_length
+from engine.constraint import Constraint
+from engine.request import SamplingParams, kv_capacity
 
 
 class Status(enum.Enum):
@@ -27,6 +23,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams  # resolved: no None fields
     canvas_length: int
+    constraint: Constraint | None = None  # a grammar the output must follow (engine/constraint.py)
     status: Status = Status.WAITING
     seed: int = 0  # keys this sequence's noise (fast mode); reference mode draws from the global generator
     # KV memory: a slot (its sliding-window ring and its row of the canvas state) and full-layer pages.

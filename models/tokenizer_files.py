@@ -16,7 +16,11 @@ from pathlib import Path
 
 # Gemma 4 chat format, written after the large-variant chat_template.jinja (gemma-4-26B-A4B-it): user text is trimmed,
 # earlier model turns lose their <|channel>...<channel|> spans, and with thinking off the generation prompt pre-fills
-# an empty thought channel. Tool declarations, tool calls and tool responses are not rendered.
+# an empty thought channel. Tools are declared in the system turn as `<|tool>declaration:NAME{description:...,
+# parameters:{properties:{...},required:[...],type:<|"|>OBJECT<|"|>}}<tool|>`; an assistant's calls are
+# `<|tool_call>call:NAME{key:VALUE,...}<tool_call|>` with keys in order, strings between <|"|> tokens; the tool
+# messages that answer them follow in the same model turn as `<|tool_response>response:NAME{value:<|"|>...<|"|>}
+# <tool_response|>`, and generation then continues that turn (no new generation prompt).
 CHAT_TEMPLATE = r"""
 {%- macro strip_thinking(text) -%}
     {%- set ns = namespace(out='') -%}
@@ -37,10 +41,47 @@ CHAT_TEMPLATE = r"""
         {{- strip_thinking(text) if role == 'model' else text | trim -}}
     {%- endfor -%}
 {%- endmacro -%}
+{%- macro value(v) -%}
+    {%- if v is string -%}{{- '<|"|>' + v + '<|"|>' -}}
+    {%- elif v is boolean -%}{{- 'true' if v else 'false' -}}
+    {%- elif v is none -%}{{- 'null' -}}
+    {%- elif v is mapping -%}{{- '{' -}}
+        {%- for key, item in v | dictsort -%}{{- key + ':' + value(item) -}}{{- ',' if not loop.last -}}{%- endfor -%}
+        {{- '}' -}}
+    {%- elif v is sequence -%}{{- '[' -}}
+        {%- for item in v -%}{{- value(item) -}}{{- ',' if not loop.last -}}{%- endfor -%}
+        {{- ']' -}}
+    {%- else -%}{{- v | string -}}
+    {%- endif -%}
+{%- endmacro -%}
+{%- macro schema(s) -%}
+    {%- set ns = namespace(parts=[]) -%}
+    {%- if s.description -%}{%- set ns.parts = ns.parts + ['description:' + value(s.description)] -%}{%- endif -%}
+    {%- if s.enum -%}{%- set ns.parts = ns.parts + ['enum:' + value(s.enum)] -%}{%- endif -%}
+    {%- if s['items'] is mapping and s['items'] -%}
+        {%- set ns.parts = ns.parts + ['items:{' + schema(s['items']) + '}'] -%}
+    {%- endif -%}
+    {%- if s.properties is mapping -%}
+        {%- set ns.parts = ns.parts + ['properties:{' + properties(s.properties) + '}'] -%}
+    {%- endif -%}
+    {%- if s.required -%}{%- set ns.parts = ns.parts + ['required:' + value(s.required)] -%}{%- endif -%}
+    {%- if s.nullable -%}{%- set ns.parts = ns.parts + ['nullable:true'] -%}{%- endif -%}
+    {%- if s.type -%}{%- set ns.parts = ns.parts + ['type:' + value(s.type | upper)] -%}{%- endif -%}
+    {{- ns.parts | join(',') -}}
+{%- endmacro -%}
+{%- macro properties(props) -%}
+    {%- for key, s in props | dictsort -%}{{- key + ':{' + schema(s) + '}' -}}{{- ',' if not loop.last -}}{%- endfor -%}
+{%- endmacro -%}
+{%- macro declaration(function) -%}
+    {{- '<|tool>declaration:' + function.name + '{description:' + value(function.description or '') -}}
+    {%- if function.parameters -%}{{- ',parameters:{' + schema(function.parameters) + '}' -}}{%- endif -%}
+    {{- '}<tool|>' -}}
+{%- endmacro -%}
 {%- set thinking = enable_thinking is defined and enable_thinking -%}
 {%- set turns = messages -%}
+{%- set ns = namespace(last=None, previous_role=None) -%}
 {{- bos_token -}}
-{%- if thinking or messages[0].role in ['system', 'developer'] -%}
+{%- if thinking or tools or messages[0].role in ['system', 'developer'] -%}
     {{- '<|turn>system\n' -}}
     {%- if thinking -%}
         {{- '<|think|>\n' -}}
@@ -49,16 +90,43 @@ CHAT_TEMPLATE = r"""
         {{- render(messages[0].content, 'system') -}}
         {%- set turns = messages[1:] -%}
     {%- endif -%}
+    {%- for tool in tools or [] -%}
+        {{- declaration(tool.function) -}}
+    {%- endfor -%}
     {{- '<turn|>\n' -}}
 {%- endif -%}
 {%- for message in turns -%}
-    {%- if message.role == 'tool' -%}
-        {{- raise_exception('tool messages are not supported by this chat template') -}}
+    {%- if message.role != 'tool' -%}
+        {%- set role = {'assistant': 'model', 'developer': 'system'}.get(message.role, message.role) -%}
+        {%- if not (role == 'model' and ns.previous_role == 'assistant' and ns.last == 'tool_response') -%}
+            {{- '<|turn>' + role + '\n' -}}
+        {%- endif -%}
+        {%- set ns.last, ns.previous_role = None, message.role -%}
+        {%- for call in message.tool_calls or [] -%}
+            {{- '<|tool_call>call:' + call.function.name + value(call.function.arguments) + '<tool_call|>' -}}
+            {%- set ns.last = 'tool_call' -%}
+        {%- endfor -%}
+        {%- if message.tool_calls -%}
+            {%- for answer in turns[loop.index0 + 1:] -%}
+                {%- if answer.role != 'tool' -%}{%- break -%}{%- endif -%}
+                {%- set names = message.tool_calls | selectattr('id', 'equalto', answer.tool_call_id) | list -%}
+                {%- set name = names[0].function.name if names else (answer.name or 'unknown') -%}
+                {%- set body = answer.content if answer.content is string else (answer.content or [])
+                    | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}
+                {{- '<|tool_response>response:' + name + '{value:' + value(body) -}}
+                {{- '}<tool_response|>' -}}
+                {%- set ns.last = 'tool_response' -%}
+            {%- endfor -%}
+        {%- endif -%}
+        {{- render(message.content, role) -}}
+        {%- if ns.last == 'tool_call' -%}
+            {{- '<|tool_response>' -}}
+        {%- elif not (ns.last == 'tool_response' and not message.content) -%}
+            {{- '<turn|>\n' -}}
+        {%- endif -%}
     {%- endif -%}
-    {%- set role = {'assistant': 'model', 'developer': 'system'}.get(message.role, message.role) -%}
-    {{- '<|turn>' + role + '\n' + render(message.content, role) + '<turn|>\n' -}}
 {%- endfor -%}
-{%- if add_generation_prompt -%}
+{%- if add_generation_prompt and ns.last not in ['tool_call', 'tool_response'] -%}
     {{- '<|turn>model\n' -}}
     {%- if not thinking -%}
         {{- '<|channel>thought\n<channel|>' -}}

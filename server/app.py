@@ -20,12 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.async_engine import AsyncEngine
+from engine.request import EngineDeadError
 from server.errors import OpenAIError, error_body, install_error_handlers
 from server.lifecycle import ServerState
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, Int, OpenAIModel
 from server.serving import Serving
+from server.structured import Grammars
 from server.text import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -156,9 +158,9 @@ class DetokenizeRequest(BaseModel):
 def create_app(
     engine: AsyncEngine, tokenizer: Tokenizer, metrics: Metrics, config: ServerConfig, state: ServerState
 ) -> FastAPI:
-    serving = Serving(
-        engine, tokenizer, metrics, config.model_name, engine.engine.max_model_len, config.default_max_tokens
-    )
+    grammars = Grammars(tokenizer.hf, engine.info.vocab_size, engine.info.stop_token_ids)
+    serving = Serving(engine, tokenizer, grammars, metrics, config.model_name, config.default_max_tokens)
+    max_model_len = engine.info.max_model_len
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -176,7 +178,7 @@ def create_app(
 
     def model_card() -> dict[str, Any]:
         return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "dgserve",
-                "max_model_len": engine.engine.max_model_len}  # fmt: skip
+                "max_model_len": max_model_len}  # fmt: skip
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -241,7 +243,7 @@ def create_app(
                    else tokenizer.chat_prompt_ids(body.messages, body.enable_thinking))  # fmt: skip
         except ValueError as exc:
             raise OpenAIError(400, f"cannot tokenize: {exc}", "invalid_request", "messages") from None
-        return {"count": len(ids), "max_model_len": engine.engine.max_model_len, "tokens": ids}
+        return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
@@ -251,7 +253,7 @@ def create_app(
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
-        return tokenizer.info() | {"max_model_len": engine.engine.max_model_len}
+        return tokenizer.info() | {"max_model_len": max_model_len}
 
     app.add_middleware(RequestGuard, config=config, metrics=metrics)
     return app

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 from pydantic_core import PydanticCustomError
 
+from server.tools import json_arguments
+
 # Caps that real clients pass (evaluation harnesses send 5-6 stop strings and lists of prompts) while bounding work.
 MAX_N = 16
 MAX_STOP_STRINGS = 32
@@ -226,6 +228,9 @@ class Message(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | Annotated[list[ContentPart], Field(min_length=1)] | None = None  # the spec's minItems 1
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this answers
+    name: str | None = None
 
 
 class ChatTemplateKwargs(BaseModel):
@@ -240,8 +245,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Int | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None  # checked in server/structured.py, which names the exact parameter
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool = True
     response_format: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
@@ -250,8 +256,8 @@ class ChatCompletionRequest(SamplingFields):
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         for i, message in enumerate(self.messages):
-            if message.role in ("tool", "function"):
-                raise UnsupportedParameter(f"messages[{i}].role", f"role {message.role!r} is not supported yet")
+            if message.role == "function":
+                raise UnsupportedParameter(f"messages[{i}].role", "role 'function' is deprecated; use 'tool'")
             if isinstance(message.content, list):
                 for part in message.content:
                     if part.type != "text" or part.text is None:
@@ -260,12 +266,8 @@ class ChatCompletionRequest(SamplingFields):
                         )
         if self.logprobs or self.top_logprobs:
             raise UnsupportedParameter("logprobs", "logprobs are not supported by diffusion sampling yet")
-        if self.tools:
-            raise UnsupportedParameter("tools", "tools are not supported yet")
-        if self.tool_choice not in (None, "none"):
-            raise UnsupportedParameter("tool_choice", "tool_choice is not supported yet")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise UnsupportedParameter("response_format", "only response_format type 'text' is supported")
+        if self.response_format and self.tool_choice not in (None, "none", "auto"):
+            raise UnsupportedParameter("response_format", "response_format cannot be combined with a forced tool call")
         if self.audio is not None or (self.modalities and set(self.modalities) != {"text"}):
             raise UnsupportedParameter("modalities", "only text output is supported")
 
@@ -278,11 +280,28 @@ class ChatCompletionRequest(SamplingFields):
         return bool(self.chat_template_kwargs and self.chat_template_kwargs.enable_thinking)
 
     def template_messages(self) -> list[dict[str, Any]]:
-        """Messages as the chat template takes them: text content only."""
+        """Messages as the chat template takes them: text content, tool calls with their arguments as mappings."""
         out = []
-        for m in self.messages:
+        for i, m in enumerate(self.messages):
             content = m.content if isinstance(m.content, str) or m.content is None else [
                 {"type": "text", "text": p.text} for p in m.content
             ]  # fmt: skip
-            out.append({"role": m.role, "content": content or ""})
+            message: dict[str, Any] = {"role": m.role, "content": content or ""}
+            if m.tool_calls:
+                message["tool_calls"] = [_template_call(call, f"messages[{i}].tool_calls[{j}]")
+                                         for j, call in enumerate(m.tool_calls)]  # fmt: skip
+            if m.role == "tool":
+                message.update(tool_call_id=m.tool_call_id, name=m.name)
+            out.append(message)
         return out
+
+
+def _template_call(call: dict[str, Any], param: str) -> dict[str, Any]:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise UnsupportedParameter(param, f"{param} must have a function with a name")
+    try:
+        arguments = json_arguments(function.get("arguments", "{}"))
+    except ValueError:
+        raise UnsupportedParameter(f"{param}.function.arguments", "arguments must be a JSON object") from None
+    return {"id": call.get("id"), "type": "function", "function": {"name": function["name"], "arguments": arguments}}

@@ -19,13 +19,32 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from engine.request import BlockCommitted, Draft, EngineEvent, Failed, Finished, SamplingParams
-from engine.scheduler import QueueFullError
+from engine.async_engine import AsyncEngine, RequestStream
+from engine.constraint import Constraint
+from engine.request import (
+    BlockCommitted,
+    ContextLengthError,
+    Draft,
+    EngineDeadError,
+    EngineEvent,
+    Failed,
+    Finished,
+    InvalidRequestError,
+    QueueFullError,
+    SamplingParams,
+)
 from server.errors import OpenAIError, error_body
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, UnsupportedParameter
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    InvalidParameter,
+    SamplingFields,
+    UnsupportedParameter,
+)
+from server.structured import GrammarError, Grammars, check_tools, tool_choice
 from server.text import OutputText, Tokenizer
+from server.tools import ToolCall
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +58,59 @@ class Choice:
     prompt_ids: list[int]
     params: SamplingParams
     text: OutputText
+    constraint: Constraint | None = None
     content: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
     started: bool = False  # the role chunk went out (chat streaming)
+
+
+class CompletionFormat:
+    """How /v1/completions writes a choice: text."""
+
+    object, chunk_object = "text_completion", "text_completion"
+    opens_with_role = False  # no first chunk before any text
+
+    def choice(self, c: Choice) -> dict[str, Any]:
+        return {"index": c.index, "text": "".join(c.content), "logprobs": None, "finish_reason": c.finish_reason}
+
+    def chunk_choice(self, c: Choice, content: str, reasoning: str, finish: str | None, calls: int) -> dict[str, Any]:
+        return {"index": c.index, "text": content, "logprobs": None, "finish_reason": finish}
+
+
+class ChatFormat:
+    """How /v1/chat/completions writes a choice: an assistant message with reasoning and tool calls; streamed, the
+    role first, then content, reasoning and tool-call deltas."""
+
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+    opens_with_role = True
+
+    def choice(self, c: Choice) -> dict[str, Any]:
+        content = "".join(c.content)
+        message: dict[str, Any] = {"role": "assistant", "content": content or None if c.tool_calls else content,
+                                   "refusal": None}  # fmt: skip
+        if reasoning := "".join(c.reasoning):
+            message["reasoning_content"] = reasoning
+        if c.tool_calls:
+            message["tool_calls"] = [call.openai() for call in c.tool_calls]
+        return {"index": c.index, "message": message, "logprobs": None, "finish_reason": c.finish_reason}
+
+    def chunk_choice(self, c: Choice, content: str, reasoning: str, finish: str | None, calls: int) -> dict[str, Any]:
+        """`calls`: how many of the choice's latest tool calls this chunk carries."""
+        delta: dict[str, Any] = {}
+        if not c.started:
+            c.started = True
+            delta = {"role": "assistant", "content": ""}
+        if content:
+            delta["content"] = delta.get("content", "") + content
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if calls:
+            first = len(c.tool_calls) - calls
+            delta["tool_calls"] = [call.openai(first + i) for i, call in enumerate(c.tool_calls[first:])]
+        return {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
 @dataclass(slots=True)
@@ -51,16 +118,12 @@ class Job:
     """Everything one HTTP request runs."""
 
     request_id: str
-    kind: str  # "completion" or "chat"
+    format: CompletionFormat | ChatFormat
     body: SamplingFields
     choices: list[Choice]
     arrival: float
     created: int = field(default_factory=lambda: int(time.time()))
     first_block_seen: bool = False
-
-    @property
-    def object_name(self) -> str:
-        return "text_completion" if self.kind == "completion" else "chat.completion"
 
     def usage(self) -> dict[str, int]:
         prompt = sum(len(c.prompt_ids) for c in self.choices if c.index % self.body.n == 0)  # each prompt once
@@ -73,14 +136,14 @@ class Serving:
         self,
         engine: AsyncEngine,
         tokenizer: Tokenizer,
+        grammars: Grammars,
         metrics: Metrics,
         model_name: str,
-        max_model_len: int,
         default_max_tokens: int,
     ) -> None:
-        self.engine, self.tokenizer, self.metrics = engine, tokenizer, metrics
-        self.model_name, self.max_model_len, self.default_max_tokens = model_name, max_model_len, default_max_tokens
-        self.vocab_size = engine.engine.model_config.vocab_size
+        self.engine, self.tokenizer, self.grammars, self.metrics = engine, tokenizer, grammars, metrics
+        self.model_name, self.default_max_tokens = model_name, default_max_tokens
+        self.max_model_len, self.vocab_size = engine.info.max_model_len, engine.info.vocab_size
 
     # --- request -> job ---------------------------------------------------------------------------------------------
 
@@ -95,7 +158,14 @@ class Serving:
             logger.warning("ignoring request fields outside the OpenAI schema: %s", ", ".join(ignored))
 
     def _choices(
-        self, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None, param: str, split: bool
+        self,
+        body: SamplingFields,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        param: str,
+        split: bool,
+        grammar: str | None = None,
+        tool_calls: bool = False,
     ) -> list[Choice]:
         choices = []
         for p, ids in enumerate(prompts):
@@ -111,8 +181,9 @@ class Serving:
             for sample in range(body.n):
                 params = self._sampling_params(body, budget, sample)
                 index = p * body.n + sample
-                text = OutputText(self.tokenizer, body.stop_strings, split_reasoning=split)
-                choices.append(Choice(index, "", ids, params, text))
+                text = OutputText(self.tokenizer, body.stop_strings, split_reasoning=split, tool_calls=tool_calls)
+                constraint = None if grammar is None else self.grammars.constraint(grammar, budget)
+                choices.append(Choice(index, "", ids, params, text, constraint))
         return choices
 
     @staticmethod
@@ -147,16 +218,28 @@ class Serving:
                 raise OpenAIError(400, f"token id {bad[0]} is outside the vocabulary", "invalid_prompt", "prompt")
             prompts.append(ids)
         choices = self._choices(body, prompts, body.max_tokens, "prompt", split=False)
-        return Job(request_id, "completion", body, choices, time.monotonic())
+        return Job(request_id, CompletionFormat(), body, choices, time.monotonic())
 
     def chat_job(self, body: ChatCompletionRequest, request_id: str) -> Job:
+        """Runs in a worker thread: grammars compile here, never on the event loop."""
         self._check_common(body)
         try:
-            ids = self.tokenizer.chat_prompt_ids(body.template_messages(), body.enable_thinking)
+            tools = check_tools(body.tools) if body.tools is not None else {}
+            choice = tool_choice(body.tool_choice, tools, body.parallel_tool_calls)
+            if choice.names:
+                grammar = self.grammars.tool_calls(tools, choice)
+            else:
+                grammar = self.grammars.response_format(body.response_format) if body.response_format else None
+            messages = body.template_messages()
+        except (GrammarError, InvalidParameter) as exc:
+            raise OpenAIError(400, str(exc), "invalid_request", exc.param) from None
+        offered = body.tools if tools and body.tool_choice != "none" else None
+        try:
+            ids = self.tokenizer.chat_prompt_ids(messages, body.enable_thinking, offered)
         except ValueError as exc:
             raise OpenAIError(400, f"cannot apply the chat template: {exc}", "invalid_messages", "messages") from None
-        choices = self._choices(body, [ids], body.requested_max_tokens, "messages", split=True)
-        return Job(request_id, "chat", body, choices, time.monotonic())
+        choices = self._choices(body, [ids], body.requested_max_tokens, "messages", True, grammar, bool(offered))
+        return Job(request_id, ChatFormat(), body, choices, time.monotonic())
 
     # --- admission ----------------------------------------------------------------------------------------------------
 
@@ -166,16 +249,13 @@ class Serving:
         try:
             for choice in job.choices:
                 choice.engine_id = f"{job.request_id}-{choice.index}"
-                streams.append(await self.engine.add_request(choice.engine_id, choice.prompt_ids, choice.params))
-        except (ValueError, QueueFullError, EngineDeadError) as exc:
+                streams.append(
+                    await self.engine.add_request(choice.engine_id, choice.prompt_ids, choice.params, choice.constraint)
+                )
+        except (InvalidRequestError, QueueFullError, EngineDeadError) as exc:
             for stream in streams:
                 self.engine.abort(stream.request_id)
-            if isinstance(exc, QueueFullError):
-                raise OpenAIError(429, "the server is busy; retry shortly", "server_busy", retry_after=1) from None
-            if isinstance(exc, EngineDeadError):
-                raise OpenAIError(503, "the engine is not running", "engine_unavailable", retry_after=5) from None
-            code = "context_length_exceeded" if "KV" in str(exc) else "invalid_request"
-            raise OpenAIError(400, str(exc), code) from None
+            raise _admission_error(exc) from None
         self.metrics.prompt_tokens.inc(job.usage()["prompt_tokens"])
         return streams
 
@@ -218,7 +298,10 @@ class Serving:
                 choice.finish_reason = "stop"
         elif isinstance(event, Finished):
             delta = choice.text.flush()
-            choice.finish_reason = choice.finish_reason or event.finish_reason.value
+            reason = event.finish_reason.value
+            # A reply that called tools and ended there (the model writes <|tool_response> next) asks for results.
+            called = bool(choice.tool_calls or delta.tool_calls) and reason == "stop"
+            choice.finish_reason = choice.finish_reason or ("tool_calls" if called else reason)
             choice.completion_tokens = event.usage.completion_tokens
             self.metrics.tokens_per_forward.observe(event.usage.tokens_per_forward)
         else:
@@ -226,6 +309,7 @@ class Serving:
         self.metrics.generation_tokens.inc(len(event.token_ids) if isinstance(event, BlockCommitted) else 0)
         choice.content.append(delta.content)
         choice.reasoning.append(delta.reasoning)
+        choice.tool_calls.extend(delta.tool_calls)
         return delta.content, delta.reasoning
 
     async def collect(self, job: Job, streams: list[RequestStream], request: Request) -> JSONResponse:
@@ -248,18 +332,8 @@ class Serving:
         return JSONResponse(self._final_body(job))
 
     def _final_body(self, job: Job) -> dict[str, Any]:
-        choices = []
-        for c in sorted(job.choices, key=lambda c: c.index):
-            content = "".join(c.content)
-            if job.kind == "completion":
-                choices.append({"index": c.index, "text": content, "logprobs": None, "finish_reason": c.finish_reason})
-            else:
-                message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
-                if reasoning := "".join(c.reasoning):
-                    message["reasoning_content"] = reasoning
-                choices.append({"index": c.index, "message": message, "logprobs": None,
-                                "finish_reason": c.finish_reason})  # fmt: skip
-        return {"id": job.request_id, "object": job.object_name, "created": job.created, "model": self.model_name,
+        choices = [job.format.choice(c) for c in sorted(job.choices, key=lambda c: c.index)]
+        return {"id": job.request_id, "object": job.format.object, "created": job.created, "model": self.model_name,
                 "choices": choices, "usage": job.usage()}  # fmt: skip
 
     def stream(self, job: Job, streams: list[RequestStream]) -> EventSourceResponse:
@@ -268,7 +342,7 @@ class Serving:
     def _chunk(self, job: Job, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
         body: dict[str, Any] = {
             "id": job.request_id,
-            "object": "text_completion" if job.kind == "completion" else "chat.completion.chunk",
+            "object": job.format.chunk_object,
             "created": job.created,
             "model": self.model_name,
             "choices": choices,
@@ -276,19 +350,6 @@ class Serving:
         if usage is not None:
             body["usage"] = usage
         return json.dumps(body, ensure_ascii=False)
-
-    def _choice_chunk(self, job: Job, c: Choice, content: str, reasoning: str, finish: str | None) -> dict:
-        if job.kind == "completion":
-            return {"index": c.index, "text": content, "logprobs": None, "finish_reason": finish}
-        delta: dict[str, Any] = {}
-        if not c.started:
-            c.started = True
-            delta = {"role": "assistant", "content": ""}
-        if content:
-            delta["content"] = delta.get("content", "") + content
-        if reasoning:
-            delta["reasoning_content"] = reasoning
-        return {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     async def _sse(self, job: Job, streams: list[RequestStream]) -> AsyncIterator[dict[str, str]]:
         options = job.body.stream_options
@@ -314,15 +375,18 @@ class Serving:
                                                                  "step": event.step, "text": draft})}  # fmt: skip
                     continue
                 was_done = choice.finish_reason is not None
+                calls_before = len(choice.tool_calls)
                 content, reasoning = self._apply(job, choice, event)
                 if was_done:
                     continue
+                calls = len(choice.tool_calls) - calls_before
                 finish = choice.finish_reason if (isinstance(event, Finished) or choice.finish_reason) else None
                 usage = job.usage() if continuous else None
-                if content or reasoning or (job.kind == "chat" and not choice.started):
-                    yield {"data": self._chunk(job, [self._choice_chunk(job, choice, content, reasoning, None)], usage)}
+                if content or reasoning or calls or (job.format.opens_with_role and not choice.started):
+                    chunk = job.format.chunk_choice(choice, content, reasoning, None, calls)
+                    yield {"data": self._chunk(job, [chunk], usage)}
                 if finish is not None:
-                    yield {"data": self._chunk(job, [self._choice_chunk(job, choice, "", "", finish)], usage)}
+                    yield {"data": self._chunk(job, [job.format.chunk_choice(choice, "", "", finish, 0)], usage)}
                     stop = isinstance(event, BlockCommitted)
             if options and options.include_usage:
                 yield {"data": self._chunk(job, [], job.usage())}
@@ -330,6 +394,15 @@ class Serving:
             self.metrics.e2e_latency.observe(time.monotonic() - job.arrival)
         finally:
             await events.aclose()
+
+
+def _admission_error(exc: InvalidRequestError | QueueFullError | EngineDeadError) -> OpenAIError:
+    if isinstance(exc, QueueFullError):
+        return OpenAIError(429, "the server is busy; retry shortly", "server_busy", retry_after=1)
+    if isinstance(exc, EngineDeadError):
+        return OpenAIError(503, "the engine is not running", "engine_unavailable", retry_after=5)
+    code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else "invalid_request"
+    return OpenAIError(400, str(exc), code)
 
 
 class _EventBuffer:

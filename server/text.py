@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
-ROLES = ("system", "developer", "user", "assistant")
+from server.tools import ToolCall, ToolCallSplitter
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
 CHANNEL_OPEN, CHANNEL_CLOSE, THOUGHT_HEADER = "<|channel>", "<channel|>", "thought\n"
 _REPLACEMENT = "\ufffd"
 
@@ -50,15 +52,23 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def chat_prompt_ids(self, messages: list[dict], enable_thinking: bool) -> list[int]:
-        """Prompt ids for OpenAI-style messages plus the generation prompt; ValueError for what cannot be rendered."""
+    @property
+    def hf(self) -> object:
+        """The transformers tokenizer (for llguidance's view of the vocabulary)."""
+        return self._tokenizer
+
+    def chat_prompt_ids(
+        self, messages: list[dict], enable_thinking: bool, tools: list[dict] | None = None
+    ) -> list[int]:
+        """Prompt ids for OpenAI-style messages (and tools) plus the generation prompt; ValueError for what cannot be
+        rendered."""
         if not messages:
             raise ValueError("messages must not be empty")
         for i, message in enumerate(messages):
             _check_message(i, message)
         try:
             text = self._tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+                messages, tools=tools, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
             )
         except (TemplateError, TypeError, ValueError) as e:
             raise ValueError(f"the chat template cannot render these messages: {e}") from e
@@ -71,7 +81,7 @@ def _check_message(i: int, message: object) -> None:
     role, content = message.get("role"), message.get("content")
     if role not in ROLES:
         raise ValueError(f"messages[{i}]: role must be one of {', '.join(ROLES)}, not {role!r}")
-    if isinstance(content, str):
+    if isinstance(content, str) or (content is None and message.get("tool_calls")):
         return
     if not isinstance(content, list):
         raise ValueError(f"messages[{i}]: content must be a string or a list of text parts")
@@ -231,15 +241,20 @@ class TextDelta:
     content: str = ""
     reasoning: str = ""
     stopped: bool = False  # a stop string was hit: the choice ends, and nothing more comes
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class OutputText:
     """One choice's output text: ids -> settled text -> (reasoning, content) -> stop strings on the content only."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: Iterable[str] = (), split_reasoning: bool = False) -> None:
-        # The channel markers are special tokens: keep specials in the text only when a splitter removes them again.
+    def __init__(
+        self, tokenizer: Tokenizer, stops: Iterable[str] = (), split_reasoning: bool = False, tool_calls: bool = False
+    ) -> None:
+        # The channel and tool-call markers are special tokens: keep specials in the text only when splitters remove
+        # them again (tool calls need the chat reply's splitter too).
         self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=not split_reasoning)
         self._splitter = ReasoningSplitter(tokenizer.special_tokens) if split_reasoning else None
+        self._tool_calls = ToolCallSplitter() if tool_calls and split_reasoning else None
         self._stops = StopStrings(stops)
 
     @property
@@ -256,6 +271,13 @@ class OutputText:
     def _emit(self, text: str, final: bool) -> TextDelta:
         if self._stops.matched is not None:
             return TextDelta(stopped=True)
+        calls: list[ToolCall] = []
+        if self._tool_calls is not None:
+            text, calls = self._tool_calls.push(text, final)
+        delta = self._split(text, final)
+        return TextDelta(delta.content, delta.reasoning, delta.stopped, tuple(calls))
+
+    def _split(self, text: str, final: bool) -> TextDelta:
         pieces = [(False, text)] if self._splitter is None else self._splitter._split(text, final)
         reasoning, content = [], []
         for thinking, piece in pieces:

@@ -9,9 +9,9 @@ import time
 import pytest
 
 import engine.async_engine
-from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.request import BlockCommitted, Failed, Finished, FinishReason, SamplingParams
+from engine.request import BlockCommitted, EngineDeadError, Failed, Finished, FinishReason, SamplingParams
 from models.config import ConfigError
 from tests.engine.test_engine import output_tokens, prompt
 

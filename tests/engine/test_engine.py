@@ -9,8 +9,7 @@ from transformers import DiffusionGemmaForBlockDiffusion
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import BlockCommitted, Draft, Finished, FinishReason, SamplingParams
-from engine.scheduler import QueueFullError
+from engine.request import BlockCommitted, Draft, Finished, FinishReason, QueueFullError, SamplingParams
 from engine.sequence import Sequence
 
 MiB = 2**20

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import huggingface_hub.constants
-import jinja2
 import pytest
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -154,10 +153,17 @@ def test_earlier_model_turns_render_without_their_thought_channel(toks):
     )
 
 
-def test_tool_messages_are_rejected_rather_than_misrendered(toks):
-    messages = [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42"}]
-    with pytest.raises(jinja2.TemplateError, match="tool messages"):
-        chat_text(toks[TINY], messages)
+def test_tool_results_continue_the_model_turn_and_orphans_render_nothing(toks):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"b": [1, True], "a": "x"}}}
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": " 42 "}]  # fmt: skip
+    assert chat_text(toks[TINY], messages) == (
+        '<bos><|turn>user\nHi<turn|>\n<|turn>model\n<|tool_call>call:f{a:<|"|>x<|"|>,b:[1,true]}<tool_call|>'
+        '<|tool_response>response:f{value:<|"|> 42 <|"|>}<tool_response|>'
+    )
+    assert chat_text(toks[TINY], messages[:2]).endswith("<tool_call|><|tool_response>")  # awaiting the result
+    orphan = [{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "c9", "content": "42"}]
+    assert "42" not in chat_text(toks[TINY], orphan)
 
 
 ROUND_TRIP_TEXTS = [

@@ -257,9 +257,9 @@ REFUSED = [
     case(CH, chat(messages=[USER] * 100_000), "invalid_request", "messages", id="messages-100k"),
     case(CH, chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"type": "string", "pattern": "(a+)+$"}}}}}]),
-         "unsupported_parameter", "tools", id="tool-catastrophic-regex"),
+         "invalid_request", "tools[0].function.parameters.properties.a.pattern", id="tool-catastrophic-regex"),
     case(CH, chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}),
-         "unsupported_parameter", "response_format", id="response_format-bad-schema"),
+         "invalid_request", "response_format.json_schema.schema", id="response_format-bad-schema"),
     case(CH, chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
         "url": "http://127.0.0.1:1/metadata"}}]}]), "unsupported_parameter", "messages[0].content",
          id="image-url-ssrf"),

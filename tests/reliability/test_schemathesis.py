@@ -40,7 +40,8 @@ def api_schema(server: LiveServer):
     return schema
 
 
-# Refused by design with a 400 naming them (tests/server covers that): dropped, so that most positive cases generate.
+# Refused by design with a 400 naming them, or grammars that random values make invalid (tests/server covers both):
+# dropped, so that most positive cases generate.
 UNSUPPORTED = ("top_p", "frequency_penalty", "presence_penalty", "logit_bias", "suffix", "echo", "logprobs", "best_of",
                "top_logprobs", "tools", "tool_choice", "response_format", "audio", "modalities")  # fmt: skip
 
@@ -64,7 +65,7 @@ def _cheap(case) -> None:
     if case.path == "/v1/chat/completions":
         body["max_completion_tokens"] = _at_most(body.get("max_completion_tokens"), 8)
         for message in body.get("messages") or []:
-            if isinstance(message, dict) and message.get("role") in ("tool", "function"):  # refused by design too
+            if isinstance(message, dict) and message.get("role") in ("tool", "function"):  # need tool_calls before
                 message["role"] = "user"
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):

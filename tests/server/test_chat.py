@@ -59,8 +59,7 @@ def test_thinking_on_changes_the_prompt(client):
 @pytest.mark.parametrize(
     "extra, param",
     [
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"logprobs": True}, "logprobs"),
         ({"top_p": 0.5}, "top_p"),
         ({"top_k": 5}, "top_k"),

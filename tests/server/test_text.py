@@ -90,7 +90,7 @@ def test_chat_prompt_thinking_on_with_list_content_and_system(tok):
 @pytest.mark.parametrize(
     ("messages", "message"),
     [
-        ([{"role": "tool", "content": "42", "tool_call_id": "x"}], r"messages\[0\]: role must be one of .*'tool'"),
+        ([{"role": "function", "content": "42"}], r"messages\[0\]: role must be one of .*'function'"),
         ([{"role": "user", "content": "a"}, {"content": "b"}], r"messages\[1\]: role must be one of"),
         ([], "must not be empty"),
         (["hi"], r"messages\[0\] must be an object"),
