@@ -4,7 +4,7 @@
 #
 #   docker build -t dgserve .                                  # CUDA (the default): serves the real model
 #   docker buildx build --platform linux/arm64 -t dgserve .    # the same for DGX Spark (or build on the Spark)
-#   docker build -t dgserve:cpu --build-arg VARIANT=cpu .      # CPU only: serves the random-weight demo
+#   docker build -t dgserve:cpu --build-arg VARIANT=cpu .      # CPU only: serves the bundled demo model
 #
 # Configuration is the same as `dgserve serve`'s: every option reads DGSERVE_<NAME> from the environment (README,
 # "Deploy with Docker"). The API key and the Hugging Face token are never baked in: pass them at run time.
@@ -29,7 +29,7 @@ ARG PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
-# No real weights fit a CPU: serve the demo checkpoint (random weights, written on first start).
+# No real weights fit a CPU: serve the bundled demo checkpoint (a tiny model trained on the Python manual).
 ENV DGSERVE_MODEL=demo
 
 # ---- build: the dependency list and the dgserve wheel ---------------------------------------------------------------
@@ -78,7 +78,7 @@ RUN useradd --non-unique --uid "${UID}" --gid 0 --home-dir /home/dgserve --creat
     && mkdir -p "${HF_HOME}" "${DGSERVE_CACHE}" "${TORCHINDUCTOR_CACHE_DIR}" "${TRITON_CACHE_DIR}" \
     && chown -R "${UID}:0" /home/dgserve \
     && chmod -R g=u /home/dgserve
-# Weights (HF_HOME), the demo checkpoint (DGSERVE_CACHE) and compile caches live on volumes, never in the container.
+# Weights (HF_HOME), the random-demo checkpoint (DGSERVE_CACHE) and compile caches live on volumes, not in the image.
 VOLUME ["/home/dgserve/.cache/huggingface", "/home/dgserve/.cache/dgserve", "/home/dgserve/.cache/compile"]
 WORKDIR /home/dgserve
 USER ${UID}:0

@@ -1,8 +1,8 @@
 """Long-prompt prefill: one encoder pass over the whole prompt (as generate() does) against chunked prefill.
 
-On the demo checkpoint (fp32 CPU, 2 threads), for each prompt length it times the iterations until the prompt is in
-the KV cache and the first denoising step ran, and the memory growth over them, each measurement in a fresh
-spawned process after a short warm-up, then prints the ratios one pass / chunked.
+On the random-weight demo checkpoint (fp32 CPU, 2 threads), for each prompt length it times the iterations until the
+prompt is in the KV cache and the first denoising step ran, and the memory growth over them, each measurement in a
+fresh spawned process after a short warm-up, then prints the ratios one pass / chunked.
 
     python -m benchmarks.bench_prefill                          # 4K, 16K, 32K tokens; about 2 minutes
     python -m benchmarks.bench_prefill --lengths 8192 --chunks 1024 4096
@@ -27,7 +27,7 @@ from models.hub import resolve_checkpoint
 def run_prefill(length: int, chunk: int) -> tuple[float, float]:
     """Seconds and MiB of memory growth to prefill `length` tokens and run the first denoising step."""
     torch.set_num_threads(2)
-    engine = Engine(EngineConfig(str(resolve_checkpoint("demo")), dtype="float32", prefill_chunk=chunk))
+    engine = Engine(EngineConfig(str(resolve_checkpoint("random-demo")), dtype="float32", prefill_chunk=chunk))
     params = SamplingParams(max_tokens=16, max_denoising_steps=1, seed=0)
     engine.generate({"warmup": ([5] * 64, params)})
     loaded = rss_bytes("VmRSS")
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32000], help="prompt tokens")
     parser.add_argument("--chunks", type=int, nargs="+", default=[2048], help="prefill_chunk values to compare")
     args = parser.parse_args()
-    print("demo checkpoint, fp32 CPU, 2 threads: prefill + first denoising step of one prompt")
+    print("random-demo checkpoint, fp32 CPU, 2 threads: prefill + first denoising step of one prompt")
     print(" tokens |    chunk | seconds | growth MiB | one pass / chunked: time  memory")
     for length in args.lengths:
         baseline = None

@@ -1,7 +1,7 @@
 """Load benchmark: N concurrent streaming clients against `dgserve serve` on loopback.
 
 Reports aggregate output tokens/s, time to first block and end-to-end latency percentiles, and errors. Starts its
-own server on the demo checkpoint unless --url points at a running one. Every request loop is bounded.
+own server on the random-weight demo checkpoint unless --url points at a running one. Every request loop is bounded.
 
     python -m benchmarks.bench_server --clients 8 --requests 32 --max-tokens 256
 """
@@ -96,7 +96,7 @@ def start_server(model: str, port: int, max_num_seqs: int, log: Path) -> subproc
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="a running server; default: start one on --model")
-    parser.add_argument("--model", default="demo")
+    parser.add_argument("--model", default="random-demo")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32)

@@ -332,6 +332,15 @@ def write_tokenizer(directory: str | os.PathLike, vocab_size: int) -> None:
             "merges": [list(pair) for pair in merges],
         },
     }
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+    write_tokenizer_config(path, vocab_size)
+
+
+def write_tokenizer_config(directory: str | os.PathLike, vocab_size: int) -> None:
+    """Write tokenizer_config.json (special tokens, the chat template) for a vocabulary of `vocab_size`; the demo
+    checkpoint's comes from here too, so that every checkpoint we ship renders chats alike."""
     config = {
         "tokenizer_class": "GemmaTokenizer",
         "add_bos_token": False,
@@ -345,7 +354,6 @@ def write_tokenizer(directory: str | os.PathLike, vocab_size: int) -> None:
         **(_IMAGE_TOKEN_KEYS if vocab_size > max(_IMAGE_TOKENS) else {}),
         "chat_template": CHAT_TEMPLATE,
     }
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
-    (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    (Path(directory) / "tokenizer_config.json").write_text(
+        json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8"
+    )

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import BlockCommitted, Draft, Finished, SamplingParams
-from models.hub import resolve_checkpoint
+from models.hub import DEMO, RANDOM_DEMO, resolve_checkpoint
 from models.quant import QUANTIZATION_CHOICES
 from models.quantized_checkpoint import FORMATS, write_quantized_checkpoint
 from models.random_checkpoint import WRITABLE, write_random_checkpoint
@@ -61,10 +61,17 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def _warn_if_demo(model: str | None, checkpoint: os.PathLike) -> None:
+    if model in (None, DEMO):
+        logger.warning("using the DEMO checkpoint at %s: a tiny model trained on the Python manual that writes like a "
+                       "confused Python manual; real use needs the real checkpoint", checkpoint)  # fmt: skip
+    elif model == RANDOM_DEMO:
+        logger.warning("using the random-demo checkpoint at %s: random weights, the text is gibberish", checkpoint)
+
+
 def _generate(args: argparse.Namespace) -> None:
     checkpoint = resolve_checkpoint(args.model)
-    if args.model in (None, "demo"):
-        logger.warning("using the demo checkpoint at %s: random weights, the text is gibberish", checkpoint)
+    _warn_if_demo(args.model, checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     if args.prompt_ids is not None:
         prompt_ids = args.prompt_ids
@@ -139,9 +146,8 @@ def _serve(args: argparse.Namespace) -> None:
     from server.text import Tokenizer
 
     checkpoint = resolve_checkpoint(args.model)
-    if args.model in (None, "demo"):
-        logger.warning("serving the DEMO checkpoint at %s: it has RANDOM weights and writes gibberish", checkpoint)
-    name = args.served_model_name or ("dgserve-demo" if args.model in (None, "demo") else args.model)
+    _warn_if_demo(args.model, checkpoint)
+    name = args.served_model_name or ("dgserve-demo" if args.model in (None, DEMO) else args.model)
     metrics = Metrics(name)
     engine = AsyncEngine(
         EngineConfig(
@@ -204,7 +210,7 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     """Every option also reads DGSERVE_<NAME> from the environment (for containers)."""
-    serve.add_argument("--model", default=_env("MODEL", "demo"), help="checkpoint directory, hub id, or 'demo'")
+    serve.add_argument("--model", default=_env("MODEL", DEMO), help="checkpoint directory, hub id, demo, random-demo")
     serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(_env("PORT", "8000")))
     serve.add_argument("--api-key", default=_env("API_KEY"), help="require 'Authorization: Bearer KEY'")
@@ -353,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (the chat template is applied unless --no-chat-template)")
     source.add_argument("--prompt-ids", type=_token_ids, help="prompt as token ids, used as given")
-    gen.add_argument("--model", default="demo", help="checkpoint directory, hub id, or 'demo' (random weights)")
+    gen.add_argument("--model", default=DEMO, help="checkpoint directory, hub id, 'demo' or 'random-demo'")
     gen.add_argument("--no-chat-template", action="store_true", help="encode --prompt as plain text")
     gen.add_argument("--enable-thinking", action="store_true", help="chat template with the thinking channel on")
     gen.add_argument("--reference", action="store_true", help="exact transformers generate() mode (global RNG)")

@@ -149,7 +149,7 @@ def _serve_settings() -> dict:
 
     settings = vars(build_parser().parse_args(["serve"]))
     settings.pop("run")
-    settings["cache_dir"] = cache_dir()  # resolve_checkpoint() puts the demo checkpoint here (DGSERVE_CACHE)
+    settings["cache_dir"] = cache_dir()  # resolve_checkpoint() writes the random-demo checkpoint here (DGSERVE_CACHE)
     return settings
 
 

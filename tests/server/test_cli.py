@@ -56,12 +56,21 @@ def test_generate_rejects_bad_parameters_with_a_clear_message(tiny_checkpoint):
     assert run.returncode != 0 and "max_denoising_steps must be >= 1, got 0" in run.stderr
 
 
-def test_write_checkpoint_then_generate_from_the_demo_cache(tmp_path):
+def test_write_checkpoint_then_generate_from_the_random_demo_cache(tmp_path):
     written = dgserve("write-checkpoint", str(tmp_path / "ck"), "--size", "tiny", "--shards", "2")
     assert written.returncode == 0, written.stderr
     assert (tmp_path / "ck" / "model.safetensors.index.json").is_file()
-    run = dgserve(
-        "generate", "--prompt", "hi", "--max-tokens", "8", "--steps", "2", env={"DGSERVE_CACHE": str(tmp_path)}
-    )
+    run = dgserve("generate", "--model", "random-demo", "--prompt", "hi", "--max-tokens", "8", "--steps", "2",
+                  env={"DGSERVE_CACHE": str(tmp_path)})  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "random weights" in run.stderr and (tmp_path / "demo-checkpoint" / "config.json").is_file()
+    assert "random weights" in run.stderr and (tmp_path / "random-demo-checkpoint" / "config.json").is_file()
+
+
+def test_generate_without_a_model_runs_the_bundled_demo(tmp_path):
+    run = dgserve("generate", "--prompt", "What is the \"for\" statement?", "--seed", "0", "--json",
+                  env={"DGSERVE_CACHE": str(tmp_path)})  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout)
+    # The trained demo ends its turn inside the first canvas, well before the 48-step limit; nothing is written.
+    assert "trained on the Python manual" in run.stderr and record["finish_reason"] == "stop"
+    assert record["usage"]["num_denoise_steps"] < 48 and not any(tmp_path.iterdir())
