@@ -140,6 +140,7 @@ class SamplingFields(OpenAIModel):
     user: str | None = None
     ignore_eos: StrictBool = False  # vLLM extension that benchmark clients send
     diffusion: DiffusionOptions | None = None
+    response_format: dict[str, Any] | None = None  # checked and compiled in server/structured.py
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -248,7 +249,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Any] | None = None  # checked in server/structured.py, which names the exact parameter
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool = True
-    response_format: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None

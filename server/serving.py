@@ -204,6 +204,7 @@ class Serving:
         )
 
     def completion_job(self, body: CompletionRequest, request_id: str) -> Job:
+        """Runs in a worker thread: a response_format grammar compiles here, never on the event loop."""
         self._check_common(body)
         prompts = []
         for prompt in body.prompts:
@@ -217,7 +218,11 @@ class Serving:
             if bad := [t for t in ids if t >= self.vocab_size]:
                 raise OpenAIError(400, f"token id {bad[0]} is outside the vocabulary", "invalid_prompt", "prompt")
             prompts.append(ids)
-        choices = self._choices(body, prompts, body.max_tokens, "prompt", split=False)
+        try:
+            grammar = self.grammars.response_format(body.response_format) if body.response_format else None
+        except (GrammarError, InvalidParameter) as exc:
+            raise OpenAIError(400, str(exc), "invalid_request", exc.param) from None
+        choices = self._choices(body, prompts, body.max_tokens, "prompt", False, grammar)
         return Job(request_id, CompletionFormat(), body, choices, time.monotonic())
 
     def chat_job(self, body: ChatCompletionRequest, request_id: str) -> Job:

@@ -68,6 +68,21 @@ def test_json_schema_replies_validate(client: openai.OpenAI, name: str, seed: in
     assert choice.finish_reason == "stop"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_take_response_format_too(client: openai.OpenAI, stream: bool) -> None:
+    schema = SCHEMAS["nested"]
+    reply = client.completions.create(
+        model="tiny", prompt="A JSON record:", max_tokens=120, seed=2, stream=stream,
+        extra_body={**FAST, "response_format": _schema_format(schema)},
+    )  # fmt: skip
+    chunks = list(reply) if stream else [reply]
+    jsonschema.validate(json.loads("".join(c.choices[0].text for c in chunks if c.choices)), schema)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="tiny", prompt="x", extra_body={"response_format": {"type": "yaml"}})
+    assert refused.value.body["param"].startswith("response_format")
+
+
 def test_json_object_and_a_short_budget_still_close(client: openai.OpenAI) -> None:
     for max_tokens in (200, 12):  # 12: the closing reserve takes over at once
         reply = client.chat.completions.create(
