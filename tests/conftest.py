@@ -25,22 +25,30 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", seed=0, dtype=torch.float32)
 
 
-@pytest.fixture(scope="session")
-def reference_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
-    """The tiny config built and saved by transformers itself, perturbed as spec 9.2 says."""
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+def perturbed_reference(config, decoder_scalars: tuple[float, float], encoder_scalars: tuple[float, float]):
+    """transformers' own model for `config` (seed 0), its norms and layer scalars perturbed as spec 9.2 says, so a
+    wrong norm or a shared scalar buffer is caught: layer i's scalar is first + i * step of each (first, step)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
 
-    config = DiffusionGemmaConfig.from_pretrained(tiny_checkpoint)
     torch.manual_seed(0)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("norm.weight", "router.scale", "router.per_expert_scale")):
                 param.add_(0.1 * torch.randn_like(param))
-        for i, layer in enumerate(model.model.decoder.layers):
-            layer.layer_scalar.fill_(1.1 + 0.05 * i)
-        for i, layer in enumerate(model.model.encoder.language_model.layers):
-            layer.layer_scalar.fill_(0.8 - 0.05 * i)
+        for layers, (first, step) in ((model.model.decoder.layers, decoder_scalars),
+                                      (model.model.encoder.language_model.layers, encoder_scalars)):  # fmt: skip
+            for i, layer in enumerate(layers):
+                layer.layer_scalar.fill_(first + step * i)
+    return model
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """The tiny config built and saved by transformers itself, perturbed as spec 9.2 says."""
+    from transformers import DiffusionGemmaConfig
+
+    model = perturbed_reference(DiffusionGemmaConfig.from_pretrained(tiny_checkpoint), (1.1, 0.05), (0.8, -0.05))
     out = tmp_path_factory.mktemp("reference")
     model.save_pretrained(out)
     return out

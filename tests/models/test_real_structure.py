@@ -22,6 +22,7 @@ from models.diffusion_gemma import Experts
 from models.loader import load_model
 from models.random_checkpoint import config_json, generation_config_json
 from models.tokenizer_files import write_tokenizer
+from tests.conftest import perturbed_reference
 from tests.engine.test_engine import assert_same_tokens, output_tokens, reference_generate
 from tests.models.test_parity import assert_logits_match, make_case, our_logits, reference_logits
 
@@ -31,16 +32,8 @@ def structure_checkpoint(tmp_path_factory):
     """Built and saved by transformers (fp32), norms and layer scalars perturbed as spec 9.2 says."""
     source = tmp_path_factory.mktemp("structure-config")
     (source / "config.json").write_text(json.dumps(config_json("structure")))
-    torch.manual_seed(0)
-    model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig.from_pretrained(source)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("norm.weight", "router.scale", "router.per_expert_scale")):
-                param.add_(0.1 * torch.randn_like(param))
-        for i, layer in enumerate(model.model.decoder.layers):
-            layer.layer_scalar.fill_(1.1 + 0.02 * i)
-        for i, layer in enumerate(model.model.encoder.language_model.layers):
-            layer.layer_scalar.fill_(0.9 - 0.01 * i)
+    # Smaller scalar steps than the tiny config's: 30 layers of 0.05 would turn the encoder's scalars negative.
+    model = perturbed_reference(DiffusionGemmaConfig.from_pretrained(source), (1.1, 0.02), (0.9, -0.01))
     out = tmp_path_factory.mktemp("structure")
     model.save_pretrained(out)
     (out / "generation_config.json").write_text(json.dumps(generation_config_json("structure")))
