@@ -64,6 +64,7 @@ class Engine:
             kv_budget_bytes=self.runner.budget.total_bytes,
             kv_page_tokens=layout.page_size,
             kv_page_bytes=layout.page_bytes,
+            generation_defaults=self.generation_defaults,
         )
         self.scheduler = Scheduler(
             self.runner.budget,

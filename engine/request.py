@@ -94,6 +94,7 @@ class EngineInfo:
     kv_budget_bytes: int  # KV memory for all sequences' pages
     kv_page_tokens: int
     kv_page_bytes: int
+    generation_defaults: GenerationDefaults  # the checkpoint's sampler settings: what a request's None stands for
 
     def kv_bytes_for(self, prompt_len: int, max_tokens: int) -> int:
         """KV bytes a request of this shape is charged: the pages of its prompt and of whole canvases."""

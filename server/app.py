@@ -25,6 +25,7 @@ from engine.request import EngineDeadError
 from server.errors import OpenAIError, error_body, install_error_handlers
 from server.lifecycle import ServerState
 from server.metrics import Metrics
+from server.playground import PLAYGROUND_PATHS, add_playground
 from server.protocol import ChatCompletionRequest, CompletionRequest, Int, OpenAIModel
 from server.serving import Serving
 from server.structured import Grammars
@@ -53,6 +54,7 @@ class ServerConfig:
     # elsewhere cannot reach the server through DNS rebinding.
     allowed_hosts: frozenset[str] | None = None
     cors_origins: tuple[str, ...] = ()  # CORS stays off unless origins are configured
+    playground: bool = True  # the web page at / (server/playground/)
 
 
 def host_name(host_header: str) -> str:
@@ -75,6 +77,8 @@ class RequestGuard:
     def __init__(self, app: ASGIApp, config: ServerConfig, metrics: Metrics) -> None:
         self.app, self.config, self.metrics = app, config, metrics
         self._key = config.api_key.encode() if config.api_key else None
+        # The page and its assets hold no data and a browser cannot send a key to load them: the page asks for it.
+        self._open = OPEN_PATHS | (PLAYGROUND_PATHS if config.playground else frozenset())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -84,7 +88,11 @@ class RequestGuard:
         request_id = inbound if _REQUEST_ID.fullmatch(inbound) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         path = scope["path"]
-        endpoint = path if path in KNOWN_PATHS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        endpoint = (
+            path
+            if path in KNOWN_PATHS or path in PLAYGROUND_PATHS
+            else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        )
         status = {"code": 500, "started": False}
 
         async def send_with_id(message: Message) -> None:
@@ -108,7 +116,7 @@ class RequestGuard:
                 return await reply(OpenAIError(403, "this server only answers requests for a local host name",
                                                "forbidden_host"))  # fmt: skip
             preflight = scope["method"] == "OPTIONS"  # CORS preflights carry no credentials and serve no data
-            if self._key is not None and path not in OPEN_PATHS and not preflight and not self._authorized(headers):
+            if self._key is not None and path not in self._open and not preflight and not self._authorized(headers):
                 return await reply(OpenAIError(401, "Incorrect API key provided.", "invalid_api_key"))
             if int(headers.get("content-length") or 0) > self.config.max_body_bytes:
                 return await reply(self._too_large())
@@ -176,9 +184,15 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"])  # fmt: skip
 
+    d = engine.info.generation_defaults
+    diffusion_defaults = {"steps": d.max_denoising_steps, "entropy_bound": d.entropy_bound, "t_max": d.t_max,
+                          "t_min": d.t_min, "stability_threshold": d.stability_threshold,
+                          "confidence_threshold": d.confidence_threshold}  # fmt: skip
+
     def model_card() -> dict[str, Any]:
         return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "dgserve",
-                "max_model_len": max_model_len}  # fmt: skip
+                "max_model_len": max_model_len, "canvas_length": engine.info.canvas_length,
+                "diffusion": diffusion_defaults}  # fmt: skip
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -255,5 +269,7 @@ def create_app(
     async def tokenizer_info() -> dict[str, Any]:
         return tokenizer.info() | {"max_model_len": max_model_len}
 
+    if config.playground:
+        add_playground(app)
     app.add_middleware(RequestGuard, config=config, metrics=metrics)
     return app

@@ -177,7 +177,8 @@ def _serve(args: argparse.Namespace) -> None:
     )  # fmt: skip
     local = args.host in LOCAL_HOSTS
     allowed = frozenset({*LOCAL_HOSTS, *args.allowed_hosts}) if local and "*" not in args.allowed_hosts else None
-    config = ServerConfig(name, api_key=args.api_key, allowed_hosts=allowed, cors_origins=tuple(args.cors_origins))
+    config = ServerConfig(name, api_key=args.api_key, allowed_hosts=allowed, cors_origins=tuple(args.cors_origins),
+                          playground=args.playground)  # fmt: skip
     state = ServerState()
     app = create_app(engine, Tokenizer(checkpoint), metrics, config, state)
     url = f"http://{args.host}:{args.port}"
@@ -233,6 +234,13 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         type=int,
         default=int(_env("PREFILL_CHUNK", "2048")),
         help="prompt tokens a sequence encodes per iteration (bounds a long prompt's memory)",
+    )
+    serve.add_argument(
+        "--no-playground",
+        dest="playground",
+        action="store_false",
+        default=_env("PLAYGROUND", "1") != "0",
+        help="do not serve the web playground at /",
     )
     serve.add_argument(
         "--compile",

@@ -105,7 +105,8 @@ class DiffusionOptions(BaseModel):
     t_min: Annotated[Float, Field(gt=0, le=100)] | None = None
     stability_threshold: Annotated[Int, Field(ge=0, le=1024)] | None = None
     confidence_threshold: Annotated[Float, Field(gt=0, le=1e4)] | None = None
-    stream_drafts: StrictBool = False
+    # True: each step's canvas as text; "tokens": also per-position token text and state (server/drafts.py)
+    stream_drafts: StrictBool | Literal["tokens"] = False
 
 
 class StreamOptions(BaseModel):

@@ -33,6 +33,7 @@ from engine.request import (
     QueueFullError,
     SamplingParams,
 )
+from server.drafts import TokenDrafts
 from server.errors import OpenAIError, error_body
 from server.metrics import Metrics
 from server.protocol import (
@@ -144,6 +145,7 @@ class Serving:
         self.engine, self.tokenizer, self.grammars, self.metrics = engine, tokenizer, grammars, metrics
         self.model_name, self.default_max_tokens = model_name, default_max_tokens
         self.max_model_len, self.vocab_size = engine.info.max_model_len, engine.info.vocab_size
+        self._pieces: dict[int, str] = {}  # token id -> its text, for token drafts
 
     # --- request -> job ---------------------------------------------------------------------------------------------
 
@@ -359,6 +361,8 @@ class Serving:
     async def _sse(self, job: Job, streams: list[RequestStream]) -> AsyncIterator[dict[str, str]]:
         options = job.body.stream_options
         continuous = bool(options and options.continuous_usage_stats)
+        diffusion = job.body.diffusion
+        token_drafts: dict[int, TokenDrafts] | None = {} if diffusion and diffusion.stream_drafts == "tokens" else None
         events = self._events(streams)
         stop = None
         try:
@@ -375,9 +379,13 @@ class Serving:
                     yield {"data": "[DONE]"}
                     return
                 if isinstance(event, Draft):
-                    draft = self.tokenizer.decode(event.token_ids)
-                    yield {"event": "draft", "data": json.dumps({"id": job.request_id, "index": choice.index,
-                                                                 "step": event.step, "text": draft})}  # fmt: skip
+                    draft = {"id": job.request_id, "index": choice.index, "step": event.step,
+                             "text": self.tokenizer.decode(event.token_ids)}  # fmt: skip
+                    if token_drafts is not None:
+                        draft |= token_drafts.setdefault(i, TokenDrafts(self.tokenizer, self._pieces)).payload(
+                            event.token_ids, event.step
+                        )
+                    yield {"event": "draft", "data": json.dumps(draft, ensure_ascii=False)}
                     continue
                 was_done = choice.finish_reason is not None
                 calls_before = len(choice.tool_calls)
