@@ -252,6 +252,7 @@ def test_api_key_is_asked_once_and_kept(browser, keyed_demo):
     view = Playground(browser, keyed_demo)
     key = view.page.get_by_test_id("api-key")
     key.wait_for(state="visible")
+    shoot(view.page, "api-key.png")
     assert all("401" in e for e in view.errors)  # the browser logs the probe of /v1/models that asked for a key
     view.errors.clear()
     key.fill(API_KEY)
