@@ -183,6 +183,8 @@ def _serve(args: argparse.Namespace) -> None:
     app = create_app(engine, Tokenizer(checkpoint), metrics, config, state)
     url = f"http://{args.host}:{args.port}"
     auth = " -H 'Authorization: Bearer $DGSERVE_API_KEY'" if args.api_key else ""
+    if args.playground:
+        logger.info("playground on %s/", url)
     logger.info(
         "serving on %s/v1; try:\n  curl %s/v1/chat/completions -H 'Content-Type: application/json'%s "
         "-d '{\"model\": \"%s\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'",

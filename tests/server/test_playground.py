@@ -307,3 +307,12 @@ def test_no_playground_is_404(tiny_checkpoint, tmp_path, how):
         assert httpx.get(live.url + "/v1/models").status_code == 200
     finally:
         stop_server(live)
+
+
+def test_page_keeps_the_host_check_and_cors_off(demo):
+    """The page is open to any local client without a key, but a foreign Host (DNS rebinding) still gets 403, and
+    without --cors-origins no CORS header is sent."""
+    page = httpx.get(demo.url + "/", headers={"Origin": "http://evil.example"})
+    assert page.status_code == 200 and "access-control-allow-origin" not in page.headers
+    assert httpx.get(demo.url + "/", headers={"Host": "evil.example"}).status_code == 403
+    assert httpx.get(demo.url + "/playground/app.js").headers["content-type"].startswith("text/javascript")
