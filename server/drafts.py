@@ -2,7 +2,7 @@
 token text (empty for special tokens such as padding) plus a one-letter state per position, so a viewer can show
 the text settling out of noise.
 
-States, from the argmax history of the canvas being refined (the engine's acceptance mask stays on the device):
+States, from the argmax canvases this stream carried (the engine's acceptance mask stays on the device):
 `n` noise (a new token this step, or the canvas's first step), `a` just accepted (the same token as the step
 before, new the step before that), `s` settled (the same token for two steps or more).
 """

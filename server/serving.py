@@ -382,9 +382,9 @@ class Serving:
                     draft = {"id": job.request_id, "index": choice.index, "step": event.step,
                              "text": self.tokenizer.decode(event.token_ids)}  # fmt: skip
                     if token_drafts is not None:
-                        draft |= token_drafts.setdefault(i, TokenDrafts(self.tokenizer, self._pieces)).payload(
-                            event.token_ids, event.step
-                        )
+                        if i not in token_drafts:
+                            token_drafts[i] = TokenDrafts(self.tokenizer, self._pieces)
+                        draft |= token_drafts[i].payload(event.token_ids, event.step)
                     yield {"event": "draft", "data": json.dumps(draft, ensure_ascii=False)}
                     continue
                 was_done = choice.finish_reason is not None
