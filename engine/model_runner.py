@@ -29,7 +29,7 @@ from engine.kv_cache import (
     page_table,
     reference_decoder_attention,
 )
-from engine.sampler import fast_step, reference_step, schedule_temperature
+from engine.sampler import StepResult, fast_step, reference_step, schedule_temperature
 from engine.sequence import Sequence
 from models.config import ModelConfig
 from models.diffusion_gemma import DiffusionGemma
@@ -190,10 +190,7 @@ class ModelRunner:
             self.engine_config.sampler_chunk,
             scaled_proposals,
         )
-        stopped = self.canvases.update(
-            result, inputs["denoising"], inputs["stability_threshold"], inputs["confidence_threshold"]
-        )
-        return torch.cat([self.canvases.argmax[:rows], stopped[:, None].long()], dim=1), hidden
+        return self._update(result, inputs), hidden
 
     def _reference_step(self, seq: Sequence, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One row as generate() runs it: exact keys, its own SDPA calls, the global generator."""
@@ -205,10 +202,7 @@ class ModelRunner:
         result = reference_step(
             self.model, hidden, self.canvases.canvas[:1], inputs["temperature"][0], seq.params.entropy_bound
         )
-        stopped = self.canvases.update(
-            result, inputs["denoising"], inputs["stability_threshold"], inputs["confidence_threshold"]
-        )
-        return torch.cat([self.canvases.argmax[:1], stopped[:, None].long()], dim=1), hidden
+        return self._update(result, inputs), hidden
 
     @torch.inference_mode()
     def candidates(self, seqs: list[Sequence], k: int) -> list[list[list[int]]]:
@@ -227,6 +221,13 @@ class ModelRunner:
                 ids = torch.cat([best_ids, ids], -1).gather(-1, picked)
             best_values, best_ids = values, ids
         return best_ids.view(len(seqs), self.config.canvas_length, k).cpu().tolist()
+
+    def _update(self, result: StepResult, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Store the step in the canvas state; returns [rows, C + 1]: each row's argmax canvas and its stop flag."""
+        stopped = self.canvases.update(
+            result, inputs["denoising"], inputs["stability_threshold"], inputs["confidence_threshold"]
+        )
+        return torch.cat([self.canvases.argmax[: stopped.shape[0]], stopped[:, None].long()], dim=1)
 
     def _temperature(self, seq: Sequence) -> float:
         """The schedule (spec 6.2): reference mode computes it with the reference's own fp32 tensor arithmetic."""
