@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from engine.config import EngineConfig
 from engine.constraint import Constraint
 from engine.engine import Engine
-from engine.request import EngineDeadError, EngineEvent, EngineInfo, Failed, Finished, SamplingParams, StepStats
+from engine.request import (
+    CanvasInit,
+    EngineDeadError,
+    EngineEvent,
+    EngineInfo,
+    Failed,
+    Finished,
+    SamplingParams,
+    StepStats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +40,7 @@ class _Add:
     prompt_ids: list[int]
     params: SamplingParams
     constraint: Constraint | None
+    canvas: CanvasInit | None
     events: asyncio.Queue[EngineEvent]
     loop: asyncio.AbstractEventLoop
     accepted: Future[None]
@@ -71,12 +81,18 @@ class AsyncEngine:
         loaded.result()
 
     async def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, constraint: Constraint | None = None
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        constraint: Constraint | None = None,
+        canvas: CanvasInit | None = None,
     ) -> RequestStream:
-        """Submit a request; raises InvalidRequestError (bad input) or QueueFullError before any event is produced."""
+        """Submit a request (Engine.add_request's arguments); raises InvalidRequestError (bad input) or
+        QueueFullError before any event is produced."""
         self.check_health()
         loop = asyncio.get_running_loop()
-        command = _Add(request_id, prompt_ids, params, constraint, asyncio.Queue(), loop, Future())
+        command = _Add(request_id, prompt_ids, params, constraint, canvas, asyncio.Queue(), loop, Future())
         self._commands.put(command)
         await asyncio.wrap_future(command.accepted)
         return RequestStream(self, request_id, command.events)
@@ -137,7 +153,9 @@ class AsyncEngine:
 
     def _add(self, command: _Add) -> None:
         try:
-            self.engine.add_request(command.request_id, command.prompt_ids, command.params, command.constraint)
+            self.engine.add_request(
+                command.request_id, command.prompt_ids, command.params, command.constraint, command.canvas
+            )
         except Exception as exc:  # ValueError or QueueFullError, handed to the caller's await
             command.accepted.set_exception(exc)
             return

@@ -4,9 +4,17 @@ A step reads and writes a bucket of slots [0, rows); rows that are idle or still
 out of every update, so the step's shapes depend on the bucket alone. The stability test needs only the last argmax
 and how many steps in a row it has not changed: the last S argmax canvases equal this one exactly when that run
 is at least S.
+
+Pinned positions hold their input id for the rest of the canvas: it is their argmax and their next input whatever
+the step proposed, and their self-conditioning input is that id's own embedding (the soft embedding of a certain
+distribution). Pins come from the request (warm start, infill) and from settling: with settle_steps > 0, the
+longest run of leading positions that are pinned or have kept their argmax with low entropy for settle_steps steps
+is pinned too, so that it can be streamed before the canvas commits.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -19,11 +27,17 @@ class CanvasState:
         self.argmax = torch.full((num_slots, canvas_length), -1, dtype=torch.long, device=device)  # last greedy canvas
         self.run = torch.zeros(num_slots, dtype=torch.long, device=device)  # steps the argmax has stayed the same
         self.soft = torch.zeros(num_slots, canvas_length, hidden, dtype=dtype, device=device)  # SC input; 0 = none
+        self.pinned = torch.zeros(num_slots, canvas_length, dtype=torch.bool, device=device)
+        self.streak = torch.zeros(
+            num_slots, canvas_length, dtype=torch.long, device=device
+        )  # steady steps, per position
 
-    def start(self, slot: int, canvas: torch.Tensor) -> None:
-        """A fresh canvas [C] in `slot`: no argmax history, and a zero SC input (exactly the first step's none)."""
+    def start(self, slot: int, canvas: torch.Tensor, pinned: torch.Tensor | None = None) -> None:
+        """A fresh canvas [C] in `slot`: no argmax history, and a zero SC input (exactly the first step's none);
+        `pinned` [C] bool marks the positions whose ids stay fixed."""
         self.canvas[slot] = canvas
-        self.argmax[slot], self.run[slot], self.soft[slot] = -1, 0, 0
+        self.argmax[slot], self.run[slot], self.soft[slot], self.streak[slot] = -1, 0, 0, 0
+        self.pinned[slot] = False if pinned is None else pinned
 
     def update(
         self,
@@ -31,15 +45,30 @@ class CanvasState:
         denoising: torch.Tensor,  # [rows] bool: the rows this step is for
         stability_threshold: torch.Tensor,  # [rows] long
         confidence_threshold: torch.Tensor,  # [rows] fp32
-    ) -> torch.Tensor:
-        """Store the step's outcome for the denoising rows; returns [rows] bool: canvases that may stop now."""
+        settle_steps: torch.Tensor,  # [rows] long; 0: this row does not settle
+        settle_entropy: torch.Tensor,  # [rows] fp32
+        embed: Callable[[torch.Tensor], torch.Tensor],  # ids -> scaled embeddings, the SC input of a certain id
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the step's outcome for the denoising rows; returns [rows] bool, the canvases that may stop now, and
+        [rows] long, each row's count of leading pinned positions."""
         rows = denoising.shape[0]
-        unchanged = (result.argmax == self.argmax[:rows]).all(-1)
+        pinned = self.pinned[:rows]
+        argmax = torch.where(pinned, self.canvas[:rows], result.argmax)
+        same = argmax == self.argmax[:rows]
+        unchanged = same.all(-1)
         run = torch.where(unchanged, self.run[:rows] + 1, 0)
         stopped = denoising & (run >= stability_threshold) & (result.mean_entropy < confidence_threshold)
+        streak = torch.where(same & (result.entropy < settle_entropy[:, None]), self.streak[:rows] + 1, 0)
+        settled = pinned | ((streak >= settle_steps[:, None]) & (settle_steps[:, None] > 0))
+        prefix = settled.long().cumprod(-1).sum(-1)
+        positions = torch.arange(argmax.shape[1], device=argmax.device)
         keep = denoising[:, None]
-        self.canvas[:rows] = torch.where(keep, result.canvas, self.canvas[:rows])
-        self.argmax[:rows] = torch.where(keep, result.argmax, self.argmax[:rows])
+        pinned = pinned | (keep & (positions < prefix[:, None]))
+        self.pinned[:rows] = pinned
+        self.canvas[:rows] = torch.where(keep, torch.where(pinned, argmax, result.canvas), self.canvas[:rows])
+        self.argmax[:rows] = torch.where(keep, argmax, self.argmax[:rows])
         self.run[:rows] = torch.where(denoising, run, self.run[:rows])
-        self.soft[:rows] = torch.where(keep[..., None], result.soft_embeds, self.soft[:rows])
-        return stopped
+        self.streak[:rows] = torch.where(keep, streak, self.streak[:rows])
+        soft = torch.where(pinned[..., None], embed(argmax), result.soft_embeds)
+        self.soft[:rows] = torch.where(keep[..., None], soft, self.soft[:rows])
+        return stopped, prefix

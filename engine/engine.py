@@ -11,6 +11,7 @@ from engine.memory import check_memory, free_memory_bytes
 from engine.model_runner import ModelRunner
 from engine.request import (
     BlockCommitted,
+    CanvasInit,
     EngineEvent,
     EngineInfo,
     Finished,
@@ -80,23 +81,35 @@ class Engine:
         )  # fmt: skip
 
     def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, constraint: Constraint | None = None
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        constraint: Constraint | None = None,
+        canvas: CanvasInit | None = None,
     ) -> None:
-        """Queue a request. Raises InvalidRequestError (ContextLengthError: it can never fit) for invalid input,
-        QueueFullError when the waiting queue is full."""
+        """Queue a request; `canvas` starts its first canvas from given ids instead of noise. Raises
+        InvalidRequestError (ContextLengthError: it can never fit) for invalid input, QueueFullError when the waiting
+        queue is full."""
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty")
         vocab = self.info.vocab_size
         if bad := [t for t in prompt_ids if not 0 <= t < vocab]:
             raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if canvas is not None:
+            canvas.check(self.info.canvas_length, vocab)
+            if canvas.pinned and constraint is not None:  # the grammar's walk may rewrite any committed position
+                raise InvalidRequestError("pinned canvas positions cannot be combined with a grammar")
         resolved = params.resolve(self.generation_defaults, self.info.max_model_len, len(prompt_ids))
-        self.scheduler.add(Sequence(request_id, list(prompt_ids), resolved, self.info.canvas_length, constraint))
+        seq = Sequence(request_id, list(prompt_ids), resolved, self.info.canvas_length, constraint, canvas)
+        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; it leaves the batch before the next iteration and its memory is reused."""
         seq = self.scheduler.abort(request_id)
         if seq is not None:
-            usage = Usage(len(seq.prompt_ids), seq.num_output_tokens, seq.num_canvases, seq.num_denoise_steps)
+            sent = seq.num_output_tokens + seq.streamed  # with the settled prefix already streamed
+            usage = Usage(len(seq.prompt_ids), sent, seq.num_canvases, seq.num_denoise_steps)
             self._pending.append(Finished(request_id, FinishReason.ABORT, usage))
 
     def has_unfinished(self) -> bool:
@@ -114,14 +127,14 @@ class Engine:
         encode_s = time.perf_counter() - t0
         denoise_s = 0.0
         if batch.denoise:
-            argmax, stopped, denoise_s = self.runner.denoise(batch.denoise)
+            argmax, stopped, prefixes, denoise_s = self.runner.denoise(batch.denoise)
             constrained = [
-                seq for seq, is_stopped in zip(batch.denoise, stopped, strict=True)
-                if seq.constraint is not None and self.scheduler.commits(seq, is_stopped)
+                seq for seq, tokens, is_stopped, prefix in zip(batch.denoise, argmax, stopped, prefixes, strict=True)
+                if seq.constraint is not None and self.scheduler.commits(seq, is_stopped, tokens, prefix)
             ]  # fmt: skip
             candidates = self.runner.candidates(constrained, NUM_CANDIDATES) if constrained else []
             by_id = {seq.request_id: c for seq, c in zip(constrained, candidates, strict=True)}
-            events.extend(self.scheduler.after_step(batch.denoise, argmax, stopped, by_id))
+            events.extend(self.scheduler.after_step(batch.denoise, argmax, stopped, prefixes, by_id))
         stats = StepStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),

@@ -25,7 +25,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-Outputs = tuple[torch.Tensor, torch.Tensor]  # [rows, C + 1] argmax and stop flags, [rows, C, H] hidden states
+Outputs = tuple[torch.Tensor, torch.Tensor]  # [rows, C + 2] argmax, stop flags, pinned prefixes; [rows, C, H] hidden
 
 StepFn = Callable[..., Outputs]  # ModelRunner.step(inputs, self_condition, scaled_proposals)
 InputsFn = Callable[[list, int], dict[str, torch.Tensor]]  # ModelRunner.step_inputs(rows, width) on the host

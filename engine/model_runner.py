@@ -129,17 +129,28 @@ class ModelRunner:
 
     def _start_canvas(self, seq: Sequence) -> None:
         c, vocab = self.config.canvas_length, self.config.vocab_size
+        # Noise is drawn even where a warm start replaces it, as generate() draws it with decoder_input_ids.
         if self.reference:  # the global generator, shape [1, C] as generate() draws it
             canvas = torch.randint(0, vocab, (1, c), device=self.device)[0]
         else:
             key = noise.step_key(*(torch.tensor([x], device=self.device) for x in (seq.seed, seq.num_canvases, 0)))
             canvas = noise.initial_canvas(key, c, vocab)[0]
-        self.canvases.start(seq.slot, canvas)
-        seq.canvas_steps = 0
+        pinned = None
+        if seq.canvas_init is not None and seq.num_canvases == 0:
+            given = [(i, t) for i, t in enumerate(seq.canvas_init.ids) if t is not None]
+            if given:
+                positions, ids = zip(*given, strict=True)
+                canvas[list(positions)] = torch.tensor(ids, device=self.device)
+            pinned = torch.zeros(c, dtype=torch.bool)
+            pinned[: len(seq.canvas_init.ids)] = torch.tensor(seq.canvas_init.pinned_positions(), dtype=torch.bool)
+            pinned = pinned.to(self.device)
+        self.canvases.start(seq.slot, canvas, pinned)
+        seq.canvas_steps, seq.pinned_prefix, seq.streamed = 0, 0, 0
 
     @torch.no_grad()  # not inference_mode: see engine/graphs.py
-    def denoise(self, seqs: list[Sequence]) -> tuple[list[list[int]], list[bool], float]:
-        """One denoising step for each sequence: returns argmax canvases, stop flags and the step's seconds."""
+    def denoise(self, seqs: list[Sequence]) -> tuple[list[list[int]], list[bool], list[int], float]:
+        """One denoising step for each sequence: returns argmax canvases, stop flags, the counts of leading pinned
+        positions (what is settled), and the step's seconds."""
         c = self.config.canvas_length
         t0 = time.perf_counter()
         self.num_forwards += 1
@@ -167,14 +178,15 @@ class ModelRunner:
                 )
         self.last_hidden = hidden  # slot-indexed: what `candidates` reads for constrained rows that commit
         out = out.cpu().tolist()  # the step's one device-to-host copy
-        return [out[s.slot][:c] for s in seqs], [bool(out[s.slot][c]) for s in seqs], time.perf_counter() - t0
+        rows = [out[s.slot] for s in seqs]
+        return [r[:c] for r in rows], [bool(r[c]) for r in rows], [r[c + 1] for r in rows], time.perf_counter() - t0
 
     def step(
         self, inputs: dict[str, torch.Tensor], self_condition: bool, scaled_proposals: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder forward, the sampler and the canvas update over a bucket of rows, from device tensors only
-        (what torch.compile traces and a CUDA graph captures). Returns [rows, C + 1], each row's argmax canvas and
-        its stop flag, and the final hidden states [rows, C, H]."""
+        (what torch.compile traces and a CUDA graph captures). Returns [rows, C + 2], each row's argmax canvas,
+        its stop flag and its count of leading pinned positions, and the final hidden states [rows, C, H]."""
         rows, c = inputs["length"].shape[0], self.config.canvas_length
         positions = inputs["length"][:, None] + torch.arange(c, device=self.device)
         attend = decoder_attention(self.pool, decoder_batch(self.pool, inputs["table"], inputs["length"], c))
@@ -187,6 +199,7 @@ class ModelRunner:
             inputs["proposal_factor"],
             inputs["entropy_bound"],
             noise.step_key(inputs["seed"], inputs["canvas"], inputs["step"]),
+            self.canvases.pinned[:rows],
             self.engine_config.sampler_chunk,
             scaled_proposals,
         )
@@ -200,7 +213,12 @@ class ModelRunner:
         soft = self.canvases.soft[:1] if seq.canvas_steps else None
         hidden = self.model.denoise(self.canvases.canvas[:1], positions, attend, soft)
         result = reference_step(
-            self.model, hidden, self.canvases.canvas[:1], inputs["temperature"][0], seq.params.entropy_bound
+            self.model,
+            hidden,
+            self.canvases.canvas[:1],
+            self.canvases.pinned[:1],
+            inputs["temperature"][0],
+            seq.params.entropy_bound,
         )
         return self._update(result, inputs), hidden
 
@@ -223,11 +241,18 @@ class ModelRunner:
         return best_ids.view(len(seqs), self.config.canvas_length, k).cpu().tolist()
 
     def _update(self, result: StepResult, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Store the step in the canvas state; returns [rows, C + 1]: each row's argmax canvas and its stop flag."""
-        stopped = self.canvases.update(
-            result, inputs["denoising"], inputs["stability_threshold"], inputs["confidence_threshold"]
+        """Store the step in the canvas state; returns [rows, C + 2]: each row's argmax canvas, its stop flag and
+        its count of leading pinned positions."""
+        stopped, prefix = self.canvases.update(
+            result,
+            inputs["denoising"],
+            inputs["stability_threshold"],
+            inputs["confidence_threshold"],
+            inputs["settle_steps"],
+            inputs["settle_entropy"],
+            self.model.embed,
         )
-        return torch.cat([self.canvases.argmax[: stopped.shape[0]], stopped[:, None].long()], dim=1)
+        return torch.cat([self.canvases.argmax[: stopped.shape[0]], stopped[:, None].long(), prefix[:, None]], dim=1)
 
     def _temperature(self, seq: Sequence) -> float:
         """The schedule (spec 6.2): reference mode computes it with the reference's own fp32 tensor arithmetic."""
@@ -253,6 +278,8 @@ class ModelRunner:
                 "seed": seq.seed if seq else 0,
                 "canvas": seq.num_canvases if seq else 0,
                 "step": seq.canvas_steps + 1 if seq else 0,
+                "settle_steps": p.settle_steps if seq and seq.settles else 0,
+                "settle_entropy": p.settle_entropy if seq else 0.0,
             }
             for name, value in values.items():
                 columns[name].append(value)
@@ -272,4 +299,6 @@ _STEP_INPUTS = {
     "seed": torch.long,
     "canvas": torch.long,
     "step": torch.long,
+    "settle_steps": torch.long,
+    "settle_entropy": torch.float32,
 }

@@ -38,6 +38,11 @@ class SamplingParams:
     temperature: float = 1.0  # factor on the proposal temperature: 1 = the model's schedule, 0 = argmax proposals
     seed: int | None = None  # fixes every random draw of this request, whatever else runs beside it
     stream_drafts: bool = False  # emit the argmax canvas after every denoising step
+    # Early streaming: a leading canvas position whose argmax has stayed the same with entropy below settle_entropy
+    # for settle_steps steps in a row is pinned (fixed for the rest of the canvas) and its prefix streamed at once.
+    stream_prefix: bool = False
+    settle_steps: int = 3
+    settle_entropy: float = 0.05
 
     def resolve(self, defaults: GenerationDefaults, max_model_len: int, prompt_len: int) -> SamplingParams:
         """Fill unset fields from the checkpoint's defaults and check every value; raises InvalidRequestError
@@ -58,11 +63,55 @@ class SamplingParams:
             (p.confidence_threshold > 0, f"confidence_threshold must be > 0, got {p.confidence_threshold}"),
             (0 <= p.temperature <= 100, f"temperature must be in [0, 100], got {p.temperature}"),
             (p.seed is None or 0 <= p.seed < 2**63, f"seed must be in [0, 2**63), got {p.seed}"),
+            (p.settle_steps >= 1, f"settle_steps must be >= 1, got {p.settle_steps}"),
+            (p.settle_entropy > 0, f"settle_entropy must be > 0, got {p.settle_entropy}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise InvalidRequestError(message)
         return p
+
+
+@dataclass(frozen=True, slots=True)
+class CanvasInit:
+    """How a request's first canvas starts instead of from noise: `ids[i]` is the input id of canvas position i
+    (None: noise, as are the positions past the end), and the [start, end) spans of `pinned` keep their ids for the
+    whole canvas: never renoised, never re-proposed, committed as given.
+
+    A warm start (edit in place) gives the leading ids; an infill gives None for the middle and pins the suffix
+    after it."""
+
+    ids: tuple[int | None, ...] = ()
+    pinned: tuple[tuple[int, int], ...] = ()
+
+    def check(self, canvas_length: int, vocab_size: int) -> None:
+        """Raises InvalidRequestError unless this fits a canvas of that length over that vocabulary."""
+        self.check_ids(canvas_length, vocab_size)
+        self.check_pins()
+
+    def check_ids(self, canvas_length: int, vocab_size: int) -> None:
+        if len(self.ids) > canvas_length:
+            raise InvalidRequestError(f"the canvas is {len(self.ids)} tokens; a canvas holds {canvas_length}")
+        if bad := [t for t in self.ids if t is not None and not 0 <= t < vocab_size]:
+            raise InvalidRequestError(f"canvas token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+
+    def check_pins(self) -> None:
+        end = 0
+        for start, stop in sorted(self.pinned):
+            span = f"pinned span [{start}, {stop})"
+            if not 0 <= start < stop <= len(self.ids):
+                raise InvalidRequestError(f"{span} is not inside the given canvas of {len(self.ids)} tokens")
+            if start < end:
+                raise InvalidRequestError(f"{span} overlaps another pinned span")
+            if any(self.ids[i] is None for i in range(start, stop)):
+                raise InvalidRequestError(f"{span} covers positions without a token")
+            end = stop
+
+    def pinned_positions(self) -> list[bool]:
+        mask = [False] * len(self.ids)
+        for start, stop in self.pinned:
+            mask[start:stop] = [True] * (stop - start)
+        return mask
 
 
 class InvalidRequestError(ValueError):
@@ -127,11 +176,14 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class BlockCommitted:
-    """A finished canvas: its tokens (cut at a stop token or max_tokens), ready to stream."""
+    """Output tokens ready to stream: a finished canvas (cut at a stop token or max_tokens), or with `partial` the
+    newly settled prefix of a canvas still denoising (stream_prefix). Nothing sent is ever taken back: a canvas's
+    final block carries only what its partial blocks did not."""
 
     request_id: str
     token_ids: list[int]
     num_denoise_steps: int
+    partial: bool = False
     time: float = field(default_factory=time.monotonic)
 
 
@@ -142,6 +194,7 @@ class Draft:
     request_id: str
     token_ids: list[int]
     step: int
+    pinned: tuple[tuple[int, int], ...] = ()  # [start, end) spans of positions fixed for the rest of the canvas
     time: float = field(default_factory=time.monotonic)
 
 

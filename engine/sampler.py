@@ -44,7 +44,8 @@ class StepResult:
 
     canvas: torch.Tensor  # [R, C] next input: accepted proposals, the rest renoised
     argmax: torch.Tensor  # [R, C] the greedy canvas, committed when the canvas stops
-    mean_entropy: torch.Tensor  # [R] fp32, for the confidence test
+    entropy: torch.Tensor  # [R, C] fp32 per position, 0 where pinned
+    mean_entropy: torch.Tensor  # [R] fp32 over the positions not pinned, for the confidence test
     soft_embeds: torch.Tensor  # [R, C, H] the next step's self-conditioning input
 
 
@@ -52,6 +53,14 @@ def schedule_temperature(steps_left: int, t_min: float, t_max: float, max_steps:
     """T = t_min + (t_max - t_min) * n / N with n the steps remaining, as fp32 tensor arithmetic (spec 6.2)."""
     n = torch.tensor(steps_left, dtype=torch.int32)
     return t_min + (t_max - t_min) * (n / max_steps)
+
+
+def unpinned_entropy(entropy: torch.Tensor, pinned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropies [R, C] with pinned positions at 0 (known exactly: they take no share of the entropy bound), and
+    their mean over the positions not pinned. Without pins, the same bits as entropy and entropy.mean(-1)."""
+    entropy = entropy.masked_fill(pinned, 0)
+    free = (~pinned).sum(-1).clamp_(min=1)
+    return entropy, entropy.sum(-1) / free
 
 
 def accept_mask(entropy: torch.Tensor, entropy_bound: torch.Tensor) -> torch.Tensor:
@@ -69,6 +78,7 @@ def fast_step(
     proposal_factor: torch.Tensor,  # [R] fp32: proposals at temperature * factor; 0 proposes the argmax
     entropy_bound: torch.Tensor,  # [R] fp32
     noise_key: torch.Tensor,  # [R] int64, noise.step_key(seed, canvas_index, step)
+    pinned: torch.Tensor,  # [R, C] bool: positions whose input stays fixed
     vocab_chunk: int,
     scaled_proposals: bool,  # some factor is not 0 or 1: proposals need their own exp pass
 ) -> StepResult:
@@ -130,6 +140,7 @@ def fast_step(
         _accumulate_soft(soft.mul_(rescale), e, weight[start : start + size])
         running_max = new_max
     entropy = (torch.log(sum_exp) - sum_exp_d / sum_exp).view(rows, length)  # -sum p log p with p = softmax(zt)
+    entropy, mean_entropy = unpinned_entropy(entropy, pinned)
     best_id = best_id.view(rows, length)
     accept = accept_mask(entropy, entropy_bound)
 
@@ -142,7 +153,7 @@ def fast_step(
     next_canvas = torch.where(accept, proposal, renoise)
     soft_embeds = (soft / sum_exp).view(rows, length, width).to(weight.dtype)
     soft_embeds = soft_embeds * model.embed_scale.to(weight.dtype)
-    return StepResult(next_canvas, best_id, entropy.mean(-1), soft_embeds)
+    return StepResult(next_canvas, best_id, entropy, mean_entropy, soft_embeds)
 
 
 _BLOCK = 64  # the most ids per block of a chunk: the two draws inside a chunk search chunk / 64 and 64 values
@@ -178,6 +189,7 @@ def reference_step(
     model: DiffusionGemma,
     hidden: torch.Tensor,  # [1, C, H]
     canvas: torch.Tensor,  # [1, C]
+    pinned: torch.Tensor,  # [1, C] bool
     temperature: torch.Tensor,  # fp32 scalar
     entropy_bound: float,
 ) -> StepResult:
@@ -190,10 +202,10 @@ def reference_step(
     probs = torch.softmax(zt, dim=-1, dtype=torch.float32)
     proposal = torch.multinomial(probs.view(-1, vocab), num_samples=1).view(canvas.shape)
     argmax = torch.argmax(zt, dim=-1)
-    entropy = torch.distributions.Categorical(logits=zt).entropy()
+    entropy, mean_entropy = unpinned_entropy(torch.distributions.Categorical(logits=zt).entropy(), pinned)
     accept = accept_mask(entropy, torch.tensor([entropy_bound], device=entropy.device))
     accepted = torch.where(accept, proposal, canvas)
     noise = torch.randint(0, vocab, canvas.shape, device=canvas.device)
     next_canvas = torch.where(~accept, noise, accepted)
     sc_logits = zt.to(model.embed_tokens.weight.dtype)
-    return StepResult(next_canvas, argmax, entropy.mean(-1), model.sc_embedding(sc_logits))
+    return StepResult(next_canvas, argmax, entropy, mean_entropy, model.sc_embedding(sc_logits))

@@ -98,34 +98,49 @@ class Scheduler:
         seq.slot, seq.pages, seq.status = -1, [], Status.FINISHED
 
     @staticmethod
-    def commits(seq: Sequence, is_stopped: bool) -> bool:
-        """Whether the step just run (not yet counted by after_step) finishes this sequence's canvas."""
-        return is_stopped or seq.steps_left == 1
+    def commits(seq: Sequence, is_stopped: bool, tokens: list[int], pinned_prefix: int) -> bool:
+        """Whether the step just run (not yet counted by after_step) finishes this sequence's canvas: it stopped,
+        ran out of steps, or (stream_prefix) its pinned prefix holds a stop token or all the output it can give."""
+        if is_stopped or seq.steps_left == 1:
+            return True
+        if not seq.settles:
+            return False
+        wanted = min(seq.params.max_tokens - seq.num_output_tokens, seq.canvas_length)
+        stop_ids = set(seq.params.stop_token_ids)
+        return pinned_prefix >= wanted or any(t in stop_ids for t in tokens[:pinned_prefix])
 
     def after_step(
         self,
         seqs: list[Sequence],
         argmax: list[list[int]],
         stopped: list[bool],
+        pinned_prefixes: list[int],
         candidates: dict[str, list[list[int]]],
     ) -> list[EngineEvent]:
-        """Count the step; finish canvases that stopped or ran out of steps; emit drafts, blocks and finishes.
-        `candidates` holds the top-k ids per position of each constrained sequence whose canvas commits."""
+        """Count the step; finish canvases that stopped or ran out of steps; emit drafts, settled prefixes, blocks
+        and finishes. `candidates` holds the top-k ids per position of each constrained sequence whose canvas
+        commits."""
         events: list[EngineEvent] = []
-        for seq, tokens, is_stopped in zip(seqs, argmax, stopped, strict=True):
-            commits = self.commits(seq, is_stopped)
+        for seq, tokens, is_stopped, prefix in zip(seqs, argmax, stopped, pinned_prefixes, strict=True):
+            commits = self.commits(seq, is_stopped, tokens, prefix)
             seq.canvas_steps += 1
             seq.num_denoise_steps += 1
-            if seq.params.stream_drafts:
-                remaining = seq.params.max_tokens - seq.num_output_tokens
-                events.append(Draft(seq.request_id, tokens[:remaining], seq.canvas_steps))
+            seq.pinned_prefix = prefix
+            remaining = seq.params.max_tokens - seq.num_output_tokens
+            if seq.params.stream_drafts:  # what may still be output, and any pins past it (an infill's suffix)
+                pins = seq.pinned_spans()
+                shown = max(remaining, pins[-1][1] if pins else 0)
+                events.append(Draft(seq.request_id, tokens[:shown], seq.canvas_steps, pins))
             if commits:
                 events.extend(self._finish_canvas(seq, tokens, candidates.get(seq.request_id)))
+            elif seq.settles and (upto := min(prefix, remaining)) > seq.streamed:
+                events.append(BlockCommitted(seq.request_id, tokens[seq.streamed : upto], seq.canvas_steps, True))
+                seq.streamed = upto
         return events
 
     def _finish_canvas(self, seq: Sequence, tokens: list[int], candidates: list[list[int]] | None) -> list[EngineEvent]:
-        """Commit the argmax canvas (walked under the grammar if constrained): stream it up to a stop token, the
-        grammar's end or max_tokens, else queue it for the encoder."""
+        """Commit the argmax canvas (walked under the grammar if constrained): stream what its settled prefix did not
+        up to a stop token, the grammar's end or max_tokens, else queue it for the encoder."""
         remaining = seq.params.max_tokens - seq.num_output_tokens
         window = tokens[:remaining]
         complete = False
@@ -136,9 +151,10 @@ class Scheduler:
         stop_at = next((i for i, t in enumerate(window) if t in stop_ids), None)
         kept = window if stop_at is None else window[:stop_at]
         events: list[EngineEvent] = []
-        if kept:
-            events.append(BlockCommitted(seq.request_id, kept, seq.canvas_steps))
+        if kept[seq.streamed :]:
+            events.append(BlockCommitted(seq.request_id, kept[seq.streamed :], seq.canvas_steps))
         seq.num_output_tokens += len(kept)
+        seq.streamed = 0  # counted in num_output_tokens now
         seq.num_canvases += 1
         if stop_at is not None or complete or remaining <= seq.canvas_length:
             reason = FinishReason.STOP if stop_at is not None or complete else FinishReason.LENGTH

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from engine.constraint import Constraint
-from engine.request import SamplingParams, kv_capacity
+from engine.request import CanvasInit, SamplingParams, kv_capacity
 
 
 class Status(enum.Enum):
@@ -24,6 +24,7 @@ class Sequence:
     params: SamplingParams  # resolved: no None fields
     canvas_length: int
     constraint: Constraint | None = None  # a grammar the output must follow (engine/constraint.py)
+    canvas_init: CanvasInit | None = None  # how the first canvas starts (warm start, infill); None: noise
     status: Status = Status.WAITING
     seed: int = 0  # keys this sequence's noise (fast mode); reference mode draws from the global generator
     # KV memory: a slot (its sliding-window ring and its row of the canvas state) and full-layer pages.
@@ -33,6 +34,8 @@ class Sequence:
     length: int = 0  # tokens in the cache
     to_encode: list[int] = field(default_factory=list)  # the prompt, then each finished canvas to commit
     canvas_steps: int = 0
+    pinned_prefix: int = 0  # leading positions of the current canvas that are pinned (given or settled)
+    streamed: int = 0  # tokens of the current canvas already emitted (settled prefix, stream_prefix)
     # Totals for usage.
     num_output_tokens: int = 0
     num_canvases: int = 0
@@ -45,6 +48,23 @@ class Sequence:
     @property
     def kv_capacity(self) -> int:
         return kv_capacity(len(self.prompt_ids), self.params.max_tokens, self.canvas_length)
+
+    @property
+    def settles(self) -> bool:
+        """Whether this canvas pins and streams its settled prefix early (a grammar walks only whole canvases)."""
+        return self.params.stream_prefix and self.constraint is None
+
+    def pinned_spans(self) -> tuple[tuple[int, int], ...]:
+        """[start, end) spans of the current canvas's pinned positions: its settled prefix and the given pins."""
+        given = self.canvas_init.pinned if self.canvas_init is not None and self.num_canvases == 0 else ()
+        spans = sorted(([(0, self.pinned_prefix)] if self.pinned_prefix else []) + list(given))
+        merged: list[tuple[int, int]] = []
+        for start, end in spans:
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        return tuple(merged)
 
     @property
     def steps_left(self) -> int:

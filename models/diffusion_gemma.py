@@ -319,7 +319,9 @@ class DiffusionGemma(nn.Module):
         self.sliding_inv_freq = inv_freqs.get(True, torch.zeros(0, device=device))
         self.full_inv_freq = inv_freqs[False]
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Scaled embeddings of ids: the input of both passes, and a known canvas id's SC input (a one-hot soft
+        embedding)."""
         return self.embed_tokens(ids) * self.embed_scale.to(self.embed_tokens.weight.dtype)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
@@ -336,7 +338,7 @@ class DiffusionGemma(nn.Module):
         The hidden states are discarded in generation, so the final norm and everything in the last layer but its
         K/V projection are skipped (spec 4.1).
         """
-        x = self._embed(input_ids)
+        x = self.embed(input_ids)
         rope = self._rope(positions, x.dtype)
         *layers, last = self.layers
         for i, layer in enumerate(layers):
@@ -356,7 +358,7 @@ class DiffusionGemma(nn.Module):
 
         `attend` reads the cache and never writes it: the canvas is not part of the prefix until committed by encode.
         """
-        e = self._embed(canvas)
+        e = self.embed(canvas)
         # A zero soft embedding gives an exactly zero SC signal, so the first step skips the SC MLP.
         x = (
             rms_norm(e, None, self.config.rms_norm_eps)

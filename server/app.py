@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine
-from engine.request import EngineDeadError
+from engine.request import EngineDeadError, SamplingParams
 from server.errors import OpenAIError, error_body, install_error_handlers
 from server.lifecycle import ServerState
 from server.metrics import Metrics
@@ -55,6 +55,7 @@ class ServerConfig:
     allowed_hosts: frozenset[str] | None = None
     cors_origins: tuple[str, ...] = ()  # CORS stays off unless origins are configured
     playground: bool = True  # the web page at / (server/playground/)
+    stream_prefix: bool = False  # diffusion.stream_prefix for requests that leave it unset
 
 
 def host_name(host_header: str) -> str:
@@ -167,7 +168,9 @@ def create_app(
     engine: AsyncEngine, tokenizer: Tokenizer, metrics: Metrics, config: ServerConfig, state: ServerState
 ) -> FastAPI:
     grammars = Grammars(tokenizer.hf, engine.info.vocab_size, engine.info.stop_token_ids)
-    serving = Serving(engine, tokenizer, grammars, metrics, config.model_name, config.default_max_tokens)
+    serving = Serving(
+        engine, tokenizer, grammars, metrics, config.model_name, config.default_max_tokens, config.stream_prefix
+    )
     max_model_len = engine.info.max_model_len
 
     @asynccontextmanager
@@ -184,10 +187,11 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"])  # fmt: skip
 
-    d = engine.info.generation_defaults
+    d, settle = engine.info.generation_defaults, SamplingParams()
     diffusion_defaults = {"steps": d.max_denoising_steps, "entropy_bound": d.entropy_bound, "t_max": d.t_max,
                           "t_min": d.t_min, "stability_threshold": d.stability_threshold,
-                          "confidence_threshold": d.confidence_threshold}  # fmt: skip
+                          "confidence_threshold": d.confidence_threshold, "stream_prefix": config.stream_prefix,
+                          "settle_steps": settle.settle_steps, "settle_entropy": settle.settle_entropy}  # fmt: skip
 
     def model_card() -> dict[str, Any]:
         return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "dgserve",

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import BlockCommitted, Draft, Finished, SamplingParams
+from engine.request import BlockCommitted, CanvasInit, Draft, Finished, SamplingParams
 from models.hub import DEMO, RANDOM_DEMO, resolve_checkpoint
 from models.quant import QUANTIZATION_CHOICES
 from models.quantized_checkpoint import FORMATS, write_quantized_checkpoint
@@ -43,6 +43,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float, default=1.0, help="proposal temperature factor; 0 = argmax")
     group.add_argument("--seed", type=int, help="fix every random draw of the request")
     group.add_argument("--stop-token-ids", type=_token_ids, help="stop ids (default: the checkpoint's eos ids)")
+    group.add_argument("--stream-prefix", action="store_true", help="print each canvas's settled prefix early")
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -58,7 +59,27 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
         temperature=args.temperature,
         seed=args.seed,
         stream_drafts=args.drafts,
+        stream_prefix=args.stream_prefix,
     )
+
+
+def _spans(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(a), int(b)) for a, _, b in (span.partition(":") for span in text.split(",") if span.strip())]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END spans separated by commas, got {text!r}") from None
+
+
+def _canvas(args: argparse.Namespace, tokenizer: AutoTokenizer) -> CanvasInit | None:
+    """--canvas-ids / --canvas-text and --pinned as the first canvas's start."""
+    if args.canvas_ids is None and args.canvas_text is None:
+        if args.pinned:
+            sys.exit("dgserve generate: --pinned needs --canvas-ids or --canvas-text")
+        return None
+    ids = (
+        args.canvas_ids if args.canvas_ids is not None else tokenizer.encode(args.canvas_text, add_special_tokens=False)
+    )
+    return CanvasInit(tuple(ids), tuple(args.pinned or ()))
 
 
 def _warn_if_demo(model: str | None, checkpoint: os.PathLike) -> None:
@@ -94,7 +115,7 @@ def _generate(args: argparse.Namespace) -> None:
     )
     engine = Engine(config, progress=not args.json)
     try:
-        engine.add_request("cli", prompt_ids, _sampling_params(args))
+        engine.add_request("cli", prompt_ids, _sampling_params(args), canvas=_canvas(args, tokenizer))
     except ValueError as exc:
         sys.exit(f"dgserve generate: {exc}")
     started, tokens, finished = time.perf_counter(), [], None
@@ -178,7 +199,7 @@ def _serve(args: argparse.Namespace) -> None:
     local = args.host in LOCAL_HOSTS
     allowed = frozenset({*LOCAL_HOSTS, *args.allowed_hosts}) if local and "*" not in args.allowed_hosts else None
     config = ServerConfig(name, api_key=args.api_key, allowed_hosts=allowed, cors_origins=tuple(args.cors_origins),
-                          playground=args.playground)  # fmt: skip
+                          playground=args.playground, stream_prefix=args.stream_prefix)  # fmt: skip
     state = ServerState()
     app = create_app(engine, Tokenizer(checkpoint), metrics, config, state)
     url = f"http://{args.host}:{args.port}"
@@ -243,6 +264,13 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         action="store_false",
         default=_env("PLAYGROUND", "1") != "0",
         help="do not serve the web playground at /",
+    )
+    serve.add_argument(
+        "--stream-prefix",
+        action=argparse.BooleanOptionalAction,
+        default=_env("STREAM_PREFIX", "0") not in ("0", "false", "no", "off"),
+        help="stream each canvas's settled leading tokens before it commits, for requests that leave "
+        "diffusion.stream_prefix unset (default: off)",
     )
     serve.add_argument(
         "--compile",
@@ -371,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-ids", type=_token_ids, help="prompt as token ids, used as given")
     gen.add_argument("--model", default=DEMO, help="checkpoint directory, hub id, 'demo' or 'random-demo'")
     gen.add_argument("--no-chat-template", action="store_true", help="encode --prompt as plain text")
+    start = gen.add_mutually_exclusive_group()
+    start.add_argument("--canvas-ids", type=_token_ids, help="start the first canvas from these ids (warm start)")
+    start.add_argument("--canvas-text", help="start the first canvas from this text's tokens (edit in place)")
+    gen.add_argument("--pinned", type=_spans, help="canvas positions START:END,... of the warm start kept fixed")
     gen.add_argument("--enable-thinking", action="store_true", help="chat template with the thinking channel on")
     gen.add_argument("--reference", action="store_true", help="exact transformers generate() mode (global RNG)")
     gen.add_argument("--json", action="store_true", help="print one JSON record: token ids, text, usage")

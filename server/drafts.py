@@ -4,7 +4,8 @@ the text settling out of noise.
 
 States, from the argmax canvases this stream carried (the engine's acceptance mask stays on the device):
 `n` noise (a new token this step, or the canvas's first step), `a` just accepted (the same token as the step
-before, new the step before that), `s` settled (the same token for two steps or more).
+before, new the step before that), `s` settled (the same token for two steps or more), `p` pinned (fixed for the
+rest of the canvas: given by the request, or a settled prefix already streamed).
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ class TokenDrafts:
         self._last: list[int] = []
         self._stable: list[int] = []  # steps each position's token has stayed the same
 
-    def payload(self, token_ids: list[int], step: int) -> dict[str, Any]:
+    def payload(self, token_ids: list[int], step: int, pinned: tuple[tuple[int, int], ...] = ()) -> dict[str, Any]:
         if step == 1:
             self._last, self._stable = [], []
         stable = [
             self._stable[i] + 1 if i < len(self._last) and self._last[i] == t else 0 for i, t in enumerate(token_ids)
         ]
         self._last, self._stable = token_ids, stable
-        states = "".join("n" if k == 0 else "a" if k == 1 else "s" for k in stable)
-        return {"tokens": [self._piece(t) for t in token_ids], "states": states}
+        marks = ["n" if k == 0 else "a" if k == 1 else "s" for k in stable]
+        for start, end in pinned:
+            marks[start:end] = "p" * len(marks[start:end])
+        return {"tokens": [self._piece(t) for t in token_ids], "states": "".join(marks)}
 
     def _piece(self, token_id: int) -> str:
         if (piece := self._pieces.get(token_id)) is None:

@@ -33,6 +33,10 @@ class Metrics:
         self.tokens_per_second = Gauge(
             "dgserve_generation_tokens_per_second", "Generated tokens per second over the last 10 s", registry=registry
         )
+        self.time_to_first_token = Histogram(
+            "dgserve_time_to_first_token_seconds", "Arrival to the first output token (a settled prefix or a block)",
+            buckets=_LATENCY, registry=registry,
+        )  # fmt: skip
         self.time_to_first_block = Histogram(
             "dgserve_time_to_first_block_seconds", "Arrival to first committed block", buckets=_LATENCY,
             registry=registry,

@@ -94,6 +94,9 @@ class OpenAIModel(BaseModel):
         return sorted(self.model_extra or {})
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), BeforeValidator(_json_numbers)]
+
+
 class DiffusionOptions(BaseModel):
     """Per-request diffusion controls, sent as `extra_body={"diffusion": {...}}`; unknown keys are an error."""
 
@@ -107,6 +110,20 @@ class DiffusionOptions(BaseModel):
     confidence_threshold: Annotated[Float, Field(gt=0, le=1e4)] | None = None
     # True: each step's canvas as text; "tokens": also per-position token text and state (server/drafts.py)
     stream_drafts: StrictBool | Literal["tokens"] = False
+    # The first canvas starts from this text or these ids instead of noise (the rest of the canvas is noise) ...
+    canvas: Annotated[str, Field(min_length=1)] | TokenIds | None = None
+    # ... and these [start, end) canvas positions of it stay fixed.
+    pinned: Annotated[list[tuple[Int, Int]], Field(min_length=1, max_length=1024)] | None = None
+    # Stream the canvas's settled leading tokens before it commits; None: the server's default (--stream-prefix).
+    stream_prefix: StrictBool | None = None
+    settle_steps: Annotated[Int, Field(ge=1, le=1024)] | None = None
+    settle_entropy: Annotated[Float, Field(gt=0, le=1e4)] | None = None
+
+    @model_validator(mode="after")
+    def _pins_need_a_canvas(self) -> DiffusionOptions:
+        if self.pinned is not None and self.canvas is None:
+            raise InvalidParameter("diffusion.pinned", "diffusion.pinned needs diffusion.canvas: the ids it pins")
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -171,9 +188,6 @@ class SamplingFields(OpenAIModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), BeforeValidator(_json_numbers)]
-
-
 class CompletionRequest(SamplingFields):
     prompt: (
         Annotated[str, Field(min_length=1)]
@@ -196,8 +210,10 @@ class CompletionRequest(SamplingFields):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.suffix is not None:
-            raise UnsupportedParameter("suffix", "suffix is not supported yet")
+        if self.suffix and self.response_format:
+            raise UnsupportedParameter("suffix", "suffix cannot be combined with response_format")
+        if self.suffix and self.diffusion and self.diffusion.canvas is not None:
+            raise UnsupportedParameter("suffix", "suffix cannot be combined with diffusion.canvas: both set the canvas")
         if self.echo:
             raise UnsupportedParameter("echo", "echo is not supported yet")
         if self.logprobs is not None:

@@ -23,6 +23,7 @@ from engine.async_engine import AsyncEngine, RequestStream
 from engine.constraint import Constraint
 from engine.request import (
     BlockCommitted,
+    CanvasInit,
     ContextLengthError,
     Draft,
     EngineDeadError,
@@ -60,6 +61,7 @@ class Choice:
     params: SamplingParams
     text: OutputText
     constraint: Constraint | None = None
+    canvas: CanvasInit | None = None
     content: list[str] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
@@ -124,6 +126,7 @@ class Job:
     choices: list[Choice]
     arrival: float
     created: int = field(default_factory=lambda: int(time.time()))
+    first_token_seen: bool = False
     first_block_seen: bool = False
 
     def usage(self) -> dict[str, int]:
@@ -141,10 +144,12 @@ class Serving:
         metrics: Metrics,
         model_name: str,
         default_max_tokens: int,
+        stream_prefix: bool = False,  # diffusion.stream_prefix when a request leaves it unset
     ) -> None:
         self.engine, self.tokenizer, self.grammars, self.metrics = engine, tokenizer, grammars, metrics
-        self.model_name, self.default_max_tokens = model_name, default_max_tokens
+        self.model_name, self.default_max_tokens, self.stream_prefix = model_name, default_max_tokens, stream_prefix
         self.max_model_len, self.vocab_size = engine.info.max_model_len, engine.info.vocab_size
+        self.canvas_length = engine.info.canvas_length
         self._pieces: dict[int, str] = {}  # token id -> its text, for token drafts
 
     # --- request -> job ---------------------------------------------------------------------------------------------
@@ -168,7 +173,12 @@ class Serving:
         split: bool,
         grammar: str | None = None,
         tool_calls: bool = False,
+        canvas: CanvasInit | None = None,
     ) -> list[Choice]:
+        canvas = canvas or self._warm_start(body)
+        if canvas is not None and canvas.pinned and grammar is not None:
+            raise OpenAIError(400, "diffusion.pinned cannot be combined with response_format or tools (the grammar "
+                              "may rewrite any position)", "invalid_request", "diffusion.pinned")  # fmt: skip
         choices = []
         for p, ids in enumerate(prompts):
             budget = max_tokens or max(1, min(self.default_max_tokens, self.max_model_len - len(ids)))
@@ -185,12 +195,39 @@ class Serving:
                 index = p * body.n + sample
                 text = OutputText(self.tokenizer, body.stop_strings, split_reasoning=split, tool_calls=tool_calls)
                 constraint = None if grammar is None else self.grammars.constraint(grammar, budget)
-                choices.append(Choice(index, "", ids, params, text, constraint))
+                choices.append(Choice(index, "", ids, params, text, constraint, canvas))
         return choices
 
-    @staticmethod
-    def _sampling_params(body: SamplingFields, max_tokens: int, sample: int) -> SamplingParams:
+    def _warm_start(self, body: SamplingFields) -> CanvasInit | None:
+        """diffusion.canvas and diffusion.pinned as the first canvas's start; errors name the parameter."""
         d = body.diffusion
+        if d is None or d.canvas is None:
+            return None
+        ids = self.tokenizer.encode(d.canvas) if isinstance(d.canvas, str) else d.canvas
+        canvas = CanvasInit(tuple(ids), tuple(d.pinned or ()))
+        for check, param in ((lambda: canvas.check_ids(self.canvas_length, self.vocab_size), "diffusion.canvas"),
+                             (canvas.check_pins, "diffusion.pinned")):  # fmt: skip
+            try:
+                check()
+            except InvalidRequestError as exc:
+                raise OpenAIError(400, f"{param}: {exc}", "invalid_request", param) from None
+        return canvas
+
+    def _infill(self, suffix: str, max_tokens: int | None) -> tuple[CanvasInit, int]:
+        """The canvas of an infill and the middle's length: the suffix's ids pinned right after a middle of
+        max_tokens positions, or of all the canvas has left beside the suffix when that is fewer."""
+        ids = self.tokenizer.encode(suffix)
+        room = self.canvas_length - len(ids)
+        if room < 1:
+            raise OpenAIError(400, f"suffix is {len(ids)} tokens; with the middle it must fit one canvas of "
+                              f"{self.canvas_length} tokens, so at most {self.canvas_length - 1}", "invalid_request",
+                              "suffix")  # fmt: skip
+        middle = min(max_tokens or room, room)
+        return CanvasInit((None,) * middle + tuple(ids), ((middle, middle + len(ids)),)), middle
+
+    def _sampling_params(self, body: SamplingFields, max_tokens: int, sample: int) -> SamplingParams:
+        d = body.diffusion
+        settle = {name: getattr(d, name) for name in ("settle_steps", "settle_entropy") if d and getattr(d, name)}
         return SamplingParams(
             max_tokens=max_tokens,
             stop_token_ids=() if body.ignore_eos else None,
@@ -203,6 +240,8 @@ class Serving:
             temperature=1.0 if body.temperature is None else body.temperature,
             seed=None if body.seed is None else (body.seed + sample) % 2**63,  # n samples must differ
             stream_drafts=bool(d and d.stream_drafts),
+            stream_prefix=self.stream_prefix if d is None or d.stream_prefix is None else d.stream_prefix,
+            **settle,
         )
 
     def completion_job(self, body: CompletionRequest, request_id: str) -> Job:
@@ -224,7 +263,10 @@ class Serving:
             grammar = self.grammars.response_format(body.response_format) if body.response_format else None
         except (GrammarError, InvalidParameter) as exc:
             raise OpenAIError(400, str(exc), "invalid_request", exc.param) from None
-        choices = self._choices(body, prompts, body.max_tokens, "prompt", False, grammar)
+        canvas, max_tokens = None, body.max_tokens
+        if body.suffix:
+            canvas, max_tokens = self._infill(body.suffix, max_tokens)
+        choices = self._choices(body, prompts, max_tokens, "prompt", False, grammar, canvas=canvas)
         return Job(request_id, CompletionFormat(), body, choices, time.monotonic())
 
     def chat_job(self, body: ChatCompletionRequest, request_id: str) -> Job:
@@ -257,7 +299,9 @@ class Serving:
             for choice in job.choices:
                 choice.engine_id = f"{job.request_id}-{choice.index}"
                 streams.append(
-                    await self.engine.add_request(choice.engine_id, choice.prompt_ids, choice.params, choice.constraint)
+                    await self.engine.add_request(
+                        choice.engine_id, choice.prompt_ids, choice.params, choice.constraint, choice.canvas
+                    )
                 )
         except (InvalidRequestError, QueueFullError, EngineDeadError) as exc:
             for stream in streams:
@@ -295,10 +339,14 @@ class Serving:
     def _apply(self, job: Job, choice: Choice, event: EngineEvent) -> tuple[str, str]:
         """Fold an event into a choice; returns the (content, reasoning) text it adds."""
         if isinstance(event, BlockCommitted):
-            if not job.first_block_seen:
-                job.first_block_seen = True
-                self.metrics.time_to_first_block.observe(event.time - job.arrival)
-            self.metrics.steps_per_canvas.observe(event.num_denoise_steps)
+            if not job.first_token_seen:
+                job.first_token_seen = True
+                self.metrics.time_to_first_token.observe(event.time - job.arrival)
+            if not event.partial:
+                if not job.first_block_seen:
+                    job.first_block_seen = True
+                    self.metrics.time_to_first_block.observe(event.time - job.arrival)
+                self.metrics.steps_per_canvas.observe(event.num_denoise_steps)
             choice.completion_tokens += len(event.token_ids)
             delta = choice.text.push(event.token_ids)
             if delta.stopped:
@@ -380,11 +428,12 @@ class Serving:
                     return
                 if isinstance(event, Draft):
                     draft = {"id": job.request_id, "index": choice.index, "step": event.step,
-                             "text": self.tokenizer.decode(event.token_ids)}  # fmt: skip
+                             "text": self.tokenizer.decode(event.token_ids),
+                             "pinned": [list(span) for span in event.pinned]}  # fmt: skip
                     if token_drafts is not None:
                         if i not in token_drafts:
                             token_drafts[i] = TokenDrafts(self.tokenizer, self._pieces)
-                        draft |= token_drafts[i].payload(event.token_ids, event.step)
+                        draft |= token_drafts[i].payload(event.token_ids, event.step, event.pinned)
                     yield {"event": "draft", "data": json.dumps(draft, ensure_ascii=False)}
                     continue
                 was_done = choice.finish_reason is not None

@@ -63,5 +63,15 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 @pytest.fixture(scope="session")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A server of the bundled demo checkpoint, whose canvases settle (the tiny random one's never do)."""
+    from models.hub import DEMO_CHECKPOINT
+
+    live = start_server(DEMO_CHECKPOINT, tmp_path_factory.mktemp("demo") / "server.log")
+    yield live
+    stop_server(live)
+
+
+@pytest.fixture(scope="session")
 def client(server: LiveServer) -> openai.OpenAI:
     return server.client()

@@ -197,7 +197,7 @@ def encode(model: DiffusionGemma, prefixes: torch.Tensor, lengths: torch.Tensor)
         kv.append((k, v))
         return sdpa(q, k, v, masks[config.layers[layer].is_sliding])
 
-    x = model._embed(prefixes)
+    x = model.embed(prefixes)
     rope = model._rope(positions, x.dtype)
     *layers, last = model.layers
     for i, layer in enumerate(layers):
@@ -223,7 +223,7 @@ def denoise_logits(
         prefix_k, prefix_v = kv[layer]
         return sdpa(q, torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2), mask)
 
-    e = model._embed(canvas)
+    e = model.embed(canvas)
     x = rms_norm(e, None, config.rms_norm_eps) if soft_embeds is None else model.self_conditioning(e, soft_embeds)
     rope = model._rope(positions, x.dtype)
     for i, layer in enumerate(model.layers):

@@ -7,6 +7,7 @@ const KEY = "dgserve-api-key";
 const COMPLETION_MAX_TOKENS = 256; // /v1/completions defaults to 16 tokens: too few to watch a canvas
 let apiKey = sessionStorage.getItem(KEY) || localStorage.getItem(KEY) || "";
 let model = null;
+let streamPrefixDefault = false; // the server's default for diffusion.stream_prefix (/v1/models)
 let history = []; // chat messages so far: {role, content}
 let controller = null; // aborts the reply in flight
 
@@ -38,6 +39,8 @@ async function connect() {
   const d = card.diffusion || {};
   $("steps").placeholder = d.steps;
   $("entropy_bound").placeholder = d.entropy_bound;
+  streamPrefixDefault = Boolean(d.stream_prefix);
+  $("stream_prefix").checked = streamPrefixDefault;
   setMode();
 }
 
@@ -64,7 +67,13 @@ function number(id) {
 }
 
 function requestBody(text) {
-  const diffusion = { stream_drafts: "tokens", steps: number("steps"), entropy_bound: number("entropy_bound") };
+  const diffusion = {
+    stream_drafts: "tokens",
+    steps: number("steps"),
+    entropy_bound: number("entropy_bound"),
+    // Sent only when it differs from the server's default, as empty fields leave the defaults.
+    stream_prefix: $("stream_prefix").checked === streamPrefixDefault ? undefined : $("stream_prefix").checked,
+  };
   const body = {
     model,
     stream: true,
@@ -136,10 +145,10 @@ async function* sse(response) {
 
 function figures(f, now) {
   const parts = [];
-  if (f.firstBlock !== null) parts.push(`first block ${((f.firstBlock - f.start) / 1000).toFixed(2)} s`);
+  if (f.firstToken !== null) parts.push(`first token ${((f.firstToken - f.start) / 1000).toFixed(2)} s`);
   const seconds = (now - f.start) / 1000;
   if (f.tokens && seconds > 0) parts.push(`${(f.tokens / seconds).toFixed(1)} tok/s`);
-  if (f.firstBlock !== null) parts.push(`${(f.steps / f.canvases).toFixed(1)} steps/canvas`);
+  if (f.firstToken !== null) parts.push(`${(f.steps / f.canvases).toFixed(1)} steps/canvas`);
   if (f.tokens && f.steps) parts.push(`${(f.tokens / f.steps).toFixed(2)} tok/forward`);
   return parts.join(" · ");
 }
@@ -156,7 +165,7 @@ async function send(event) {
   controller = new AbortController();
   $("send").disabled = true;
   $("stop").disabled = false;
-  const f = { start: performance.now(), firstBlock: null, tokens: 0, steps: 0, canvases: 0, frames: 0 };
+  const f = { start: performance.now(), firstToken: null, tokens: 0, steps: 0, canvases: 0, frames: 0 };
   let content = "";
   let finished = false;
   try {
@@ -181,7 +190,7 @@ async function send(event) {
         for (const choice of message.choices) {
           const piece = choice.text ?? choice.delta.content ?? "";
           const thought = choice.delta ? choice.delta.reasoning_content : null;
-          if (piece || thought) f.firstBlock ??= performance.now();
+          if (piece || thought) f.firstToken ??= performance.now();
           if (thought) {
             reply.thought.hidden = false;
             reply.thought.lastChild.textContent += thought;

@@ -37,6 +37,10 @@ def keys(rows: int, seed: int = 0, step: int = 0) -> torch.Tensor:
     return noise.step_key(seeds, torch.zeros(rows, dtype=torch.long), torch.full((rows,), step))
 
 
+def unpinned(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+
+
 def step(model, hidden, temperature, factor, bound, key, vocab_chunk=300):
     """fast_step with per-row factors and a temperature and bound per row or for all; it pays for scaled proposals
     only when a factor needs them."""
@@ -49,6 +53,7 @@ def step(model, hidden, temperature, factor, bound, key, vocab_chunk=300):
         torch.tensor(factor),
         torch.tensor(bound).expand(rows).contiguous(),
         key,
+        unpinned(hidden),
         vocab_chunk,
         scaled,
     )
@@ -99,7 +104,13 @@ def test_argmax_keeps_the_first_index_across_blocks_and_chunks():
     table[2, [512, 513, 1000]] = 9.0  # the first ids of the second chunk
     table[3, 1023] = 9.0  # the very last id
     result = fast_step(
-        TableModel(table), torch.zeros(1, 4, 8), *[torch.ones(1)] * 3, keys(1), vocab_chunk=512, scaled_proposals=False
+        TableModel(table),
+        torch.zeros(1, 4, 8),
+        *[torch.ones(1)] * 3,
+        keys(1),
+        torch.zeros(1, 4, dtype=torch.bool),
+        vocab_chunk=512,
+        scaled_proposals=False,
     )
     assert result.argmax[0].tolist() == [100, 63, 512, 1023]
 
@@ -166,7 +177,8 @@ def test_a_row_is_bit_identical_alone_and_in_any_batch(model):
 
     def run(sl: slice):
         scaled = any(f not in (0.0, 1.0) for f in factor[sl].tolist())
-        return fast_step(model, hidden[sl], temperature[sl], factor[sl], bound[sl], key[sl], 256, scaled)
+        h = hidden[sl]
+        return fast_step(model, h, temperature[sl], factor[sl], bound[sl], key[sl], unpinned(h), 256, scaled)
 
     alone = [run(slice(r, r + 1)) for r in range(rows)]
     for batch in (2, 4, 8, 16):
@@ -212,9 +224,9 @@ def test_the_step_has_no_syncs_and_no_per_row_work(model, scaled):
         factor = torch.full((rows,), 0.5 if scaled else 1.0)
         recorder = OpRecorder()
         with recorder:
-            fast_step(
-                model, hidden, torch.full((rows,), 0.6), factor, torch.full((rows,), 0.1), keys(rows), 512, scaled
-            )
+            pins = unpinned(hidden)
+            fast_step(model, hidden, torch.full((rows,), 0.6), factor, torch.full((rows,), 0.1), keys(rows), pins, 512,
+                      scaled)  # fmt: skip
         forbidden = [op for op in recorder.ops if op.startswith(SYNCING_OR_DATA_SIZED)]
         assert not forbidden and not recorder.bool_indexing
         counts.append(len(recorder.ops))
@@ -225,7 +237,13 @@ def test_the_step_compiles_as_one_graph(model):
     torch._dynamo.reset()
     compiled = torch.compile(fast_step, fullgraph=True, backend="aot_eager")
     hidden = hidden_rows(model, 2, scale=30.0, seed=6)
-    args = (torch.tensor([0.8, 0.5]), torch.tensor([1.0, 0.5]), torch.tensor([0.1, ACCEPT_ALL]), keys(2))
+    args = (
+        torch.tensor([0.8, 0.5]),
+        torch.tensor([1.0, 0.5]),
+        torch.tensor([0.1, ACCEPT_ALL]),
+        keys(2),
+        unpinned(hidden),
+    )
     eager = fast_step(model, hidden, *args, 1024, True)
     graph = compiled(model, hidden, *args, 1024, True)
     assert torch.equal(graph.canvas, eager.canvas) and torch.equal(graph.argmax, eager.argmax)
@@ -246,6 +264,7 @@ def test_the_accelerator_soft_embedding_gemm_traces(tiny_checkpoint):
         torch.full((2,), 0.5, **meta),
         torch.full((2,), 0.1, **meta),
         torch.zeros(2, dtype=torch.long, **meta),
+        torch.zeros(2, length, dtype=torch.bool, **meta),
         512,
         True,
     )

@@ -42,7 +42,7 @@ def api_schema(server: LiveServer):
 
 # Refused by design with a 400 naming them, or grammars that random values make invalid (tests/server covers both):
 # dropped, so that most positive cases generate.
-UNSUPPORTED = ("top_p", "frequency_penalty", "presence_penalty", "logit_bias", "suffix", "echo", "logprobs", "best_of",
+UNSUPPORTED = ("top_p", "frequency_penalty", "presence_penalty", "logit_bias", "echo", "logprobs", "best_of",
                "top_logprobs", "tools", "tool_choice", "response_format", "audio", "modalities")  # fmt: skip
 
 

@@ -39,6 +39,25 @@ def test_generate_reference_mode_prints_the_tokens_transformers_generates(tiny_c
     assert record["usage"]["num_denoise_steps"] == 12 and record["prompt_ids"] == ids
 
 
+def test_generate_warm_starts_from_canvas_ids_as_transformers_does_and_keeps_pins(tiny_checkpoint):
+    ids, canvas = [2, 105, 400, 107], list(range(300, 332))  # a whole tiny canvas (32 positions)
+    common = ("generate", "--model", str(tiny_checkpoint), "--prompt-ids", ",".join(map(str, ids)),
+              "--canvas-ids", ",".join(map(str, canvas)), "--steps", "4", "--max-tokens", "64",
+              "--stop-token-ids", "", "--json")  # fmt: skip
+    run = dgserve(*common, "--reference", "--seed", "3")
+    assert run.returncode == 0, run.stderr
+    reference = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_checkpoint).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([ids]), decoder_input_ids=torch.tensor([canvas]),
+                                      max_new_tokens=64, max_denoising_steps=4, eos_token_id=None)  # fmt: skip
+    assert json.loads(run.stdout)["token_ids"] == expected.sequences[0, len(ids) :].tolist()
+    pinned = json.loads(dgserve(*common, "--pinned", "0:3,10:12", "--seed", "1").stdout)["token_ids"]
+    assert pinned[:3] == canvas[:3] and pinned[10:12] == canvas[10:12]
+    bad = dgserve(*common, "--pinned", "0:40")
+    assert bad.returncode != 0 and "pinned span [0, 40) is not inside the given canvas of 32 tokens" in bad.stderr
+
+
 def test_generate_applies_the_chat_template_and_prints_text(tiny_checkpoint):
     run = dgserve("generate", "--model", str(tiny_checkpoint), "--prompt", "Hello there", "--max-tokens", "20",
                   "--seed", "1", "--json")  # fmt: skip

@@ -91,7 +91,6 @@ def test_stop_string_cuts_the_text_exactly(client):
 @pytest.mark.parametrize(
     "field, value, param",
     [
-        ("suffix", "x", "suffix"),
         ("echo", True, "echo"),
         ("logprobs", 1, "logprobs"),
         ("best_of", 2, "best_of"),

@@ -35,13 +35,6 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    live = start_server(DEMO_CHECKPOINT, tmp_path_factory.mktemp("demo") / "server.log")
-    yield live
-    stop_server(live)
-
-
-@pytest.fixture(scope="module")
 def keyed_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     live = start_server(DEMO_CHECKPOINT, tmp_path_factory.mktemp("keyed") / "server.log", api_key=API_KEY)
     yield live
@@ -109,9 +102,9 @@ def running(server: LiveServer) -> float:
     return float(re.search(r"^dgserve_num_requests_running (\S+)$", text, re.M).group(1))
 
 
-def test_page_loads_clean_with_csp_and_hooks(browser, demo):
+def test_page_loads_clean_with_csp_and_hooks(browser, demo_server):
     for viewport, name in ((DESKTOP, "empty-1280x800.png"), (PHONE, "empty-phone.png")):
-        view = Playground(browser, demo, viewport)
+        view = Playground(browser, demo_server, viewport)
         view.ready()
         csp = view.response.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "style-src 'self'" in csp and "unsafe-inline" not in csp
@@ -124,8 +117,8 @@ def test_page_loads_clean_with_csp_and_hooks(browser, demo):
         view.close()
 
 
-def test_reply_denoises_on_the_canvas_then_lands_in_a_multi_turn_transcript(browser, demo):
-    view = Playground(browser, demo)
+def test_reply_denoises_on_the_canvas_then_lands_in_a_multi_turn_transcript(browser, demo_server):
+    view = Playground(browser, demo_server)
     view.ready()
     bodies: list[dict] = []
     view.page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
@@ -145,7 +138,7 @@ def test_reply_denoises_on_the_canvas_then_lands_in_a_multi_turn_transcript(brow
     view.wait_idle()
     assert len(view.replies()) == 2 and view.replies()[1]
     stats = view.page.locator(".turn.assistant .stats").all_text_contents()
-    assert all(re.search(r"first block .* s · .* tok/s · .* steps/canvas · .* tok/forward", s) for s in stats), stats
+    assert all(re.search(r"first token .* s · .* tok/s · .* steps/canvas · .* tok/forward", s) for s in stats), stats
     second = bodies[-1]
     assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "user"]
     assert second["messages"][2]["content"] == first
@@ -158,8 +151,25 @@ def test_reply_denoises_on_the_canvas_then_lands_in_a_multi_turn_transcript(brow
     view.close()
 
 
-def test_raw_completion_mode(browser, demo):
-    view = Playground(browser, demo)
+def test_early_streaming_shows_settled_text_before_the_canvas_commits(browser, demo_server):
+    view = Playground(browser, demo_server)
+    view.ready()
+    bodies: list[dict] = []
+    view.page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
+    view.page.check("#stream_prefix")
+    view.set(seed="0")
+    view.send("What is the try statement?")
+    # Text in the live reply while the canvas below is still being refined: the settled prefix came early.
+    view.wait_until("document.querySelector('.turn.live .text')?.textContent.length > 0 && "
+                    "document.querySelector('[data-testid=canvas] .tok.p') !== null")  # fmt: skip
+    shoot(view.page, "early-streaming.png")
+    view.wait_idle()
+    assert bodies[-1]["diffusion"] == {"stream_drafts": "tokens", "stream_prefix": True}
+    assert view.replies()[0] and view.errors == []
+
+
+def test_raw_completion_mode(browser, demo_server):
+    view = Playground(browser, demo_server)
     view.ready()
     with view.page.expect_request("**/v1/completions") as request:
         view.page.check("input[value=completion]")
@@ -200,8 +210,8 @@ def assert_inert(page: Page) -> None:
         assert page.locator(f"[data-testid={area}] img, [data-testid={area}] script").count() == 0
 
 
-def test_markup_in_user_input_stays_text(browser, demo):
-    view = Playground(browser, demo)
+def test_markup_in_user_input_stays_text(browser, demo_server):
+    view = Playground(browser, demo_server)
     view.ready()
     view.set(max_tokens="16")
     view.page.check("#thinking")
@@ -215,7 +225,7 @@ def test_markup_in_user_input_stays_text(browser, demo):
     view.close()
 
 
-def test_markup_in_model_output_stays_text(browser, demo):
+def test_markup_in_model_output_stays_text(browser, demo_server):
     """No checkpoint can be made to write markup on cue, so the real server's stream is taken and its model text
     (committed content and the draft tokens) replaced with markup on the way to the page."""
 
@@ -235,7 +245,7 @@ def test_markup_in_model_output_stays_text(browser, demo):
             events.append(name + "data: " + data if data else event)
         route.fulfill(response=response, body="\n\n".join(events))
 
-    view = Playground(browser, demo)
+    view = Playground(browser, demo_server)
     view.ready()
     view.page.route("**/v1/chat/completions", hostile)
     view.set(max_tokens="16", steps="4")
@@ -281,7 +291,7 @@ def test_token_drafts_wire_format(server):
             ) as r:
                 lines = list(r.iter_lines())
             drafts[mode] = [json.loads(lines[i + 1][6:]) for i, line in enumerate(lines) if line == "event: draft"]
-    assert all(set(d) == {"id", "index", "step", "text"} for d in drafts[True])
+    assert all(set(d) == {"id", "index", "step", "text", "pinned"} and d["pinned"] == [] for d in drafts[True])
     tokens = drafts["tokens"]
     assert [d["step"] for d in tokens] == [1, 2, 3, 4, 5] * 2  # two canvases of 32 (the last cut to 8)
     assert [d["text"] for d in tokens] == [d["text"] for d in drafts[True]]  # same seed: the same canvases
@@ -309,10 +319,10 @@ def test_no_playground_is_404(tiny_checkpoint, tmp_path, how):
         stop_server(live)
 
 
-def test_page_keeps_the_host_check_and_cors_off(demo):
+def test_page_keeps_the_host_check_and_cors_off(demo_server):
     """The page is open to any local client without a key, but a foreign Host (DNS rebinding) still gets 403, and
     without --cors-origins no CORS header is sent."""
-    page = httpx.get(demo.url + "/", headers={"Origin": "http://evil.example"})
+    page = httpx.get(demo_server.url + "/", headers={"Origin": "http://evil.example"})
     assert page.status_code == 200 and "access-control-allow-origin" not in page.headers
-    assert httpx.get(demo.url + "/", headers={"Host": "evil.example"}).status_code == 403
-    assert httpx.get(demo.url + "/playground/app.js").headers["content-type"].startswith("text/javascript")
+    assert httpx.get(demo_server.url + "/", headers={"Host": "evil.example"}).status_code == 403
+    assert httpx.get(demo_server.url + "/playground/app.js").headers["content-type"].startswith("text/javascript")
