@@ -63,7 +63,8 @@ class CanvasState:
         prefix = settled.long().cumprod(-1).sum(-1)
         positions = torch.arange(argmax.shape[1], device=argmax.device)
         keep = denoising[:, None]
-        pinned = pinned | (keep & (positions < prefix[:, None]))
+        # A select, not `|`: inductor's CPU vectoriser miscompiles a bool | of an int64 comparison into this buffer.
+        pinned = torch.where(positions < torch.where(denoising, prefix, 0)[:, None], True, pinned)
         self.pinned[:rows] = pinned
         self.canvas[:rows] = torch.where(keep, torch.where(pinned, argmax, result.canvas), self.canvas[:rows])
         self.argmax[:rows] = torch.where(keep, argmax, self.argmax[:rows])
