@@ -28,16 +28,14 @@ class CanvasState:
         self.run = torch.zeros(num_slots, dtype=torch.long, device=device)  # steps the argmax has stayed the same
         self.soft = torch.zeros(num_slots, canvas_length, hidden, dtype=dtype, device=device)  # SC input; 0 = none
         self.pinned = torch.zeros(num_slots, canvas_length, dtype=torch.bool, device=device)
-        self.streak = torch.zeros(
-            num_slots, canvas_length, dtype=torch.long, device=device
-        )  # steady steps, per position
+        # Per position: steps in a row its argmax has stayed the same with entropy below settle_entropy.
+        self.streak = torch.zeros(num_slots, canvas_length, dtype=torch.long, device=device)
 
-    def start(self, slot: int, canvas: torch.Tensor, pinned: torch.Tensor | None = None) -> None:
+    def start(self, slot: int, canvas: torch.Tensor, pinned: torch.Tensor) -> None:
         """A fresh canvas [C] in `slot`: no argmax history, and a zero SC input (exactly the first step's none);
         `pinned` [C] bool marks the positions whose ids stay fixed."""
-        self.canvas[slot] = canvas
+        self.canvas[slot], self.pinned[slot] = canvas, pinned
         self.argmax[slot], self.run[slot], self.soft[slot], self.streak[slot] = -1, 0, 0, 0
-        self.pinned[slot] = False if pinned is None else pinned
 
     def update(
         self,

@@ -99,7 +99,7 @@ class Engine:
         if canvas is not None:
             canvas.check(self.info.canvas_length, vocab)
             if canvas.pinned and constraint is not None:  # the grammar's walk may rewrite any committed position
-                raise InvalidRequestError("pinned canvas positions cannot be combined with a grammar")
+                raise InvalidRequestError("pinned canvas positions cannot be combined with a grammar", "pinned")
         resolved = params.resolve(self.generation_defaults, self.info.max_model_len, len(prompt_ids))
         seq = Sequence(request_id, list(prompt_ids), resolved, self.info.canvas_length, constraint, canvas)
         self.scheduler.add(seq)

@@ -135,16 +135,13 @@ class ModelRunner:
         else:
             key = noise.step_key(*(torch.tensor([x], device=self.device) for x in (seq.seed, seq.num_canvases, 0)))
             canvas = noise.initial_canvas(key, c, vocab)[0]
-        pinned = None
-        if seq.canvas_init is not None and seq.num_canvases == 0:
-            given = [(i, t) for i, t in enumerate(seq.canvas_init.ids) if t is not None]
-            if given:
-                positions, ids = zip(*given, strict=True)
-                canvas[list(positions)] = torch.tensor(ids, device=self.device)
-            pinned = torch.zeros(c, dtype=torch.bool)
-            pinned[: len(seq.canvas_init.ids)] = torch.tensor(seq.canvas_init.pinned_positions(), dtype=torch.bool)
-            pinned = pinned.to(self.device)
-        self.canvases.start(seq.slot, canvas, pinned)
+        pinned = torch.zeros(c, dtype=torch.bool)
+        if (init := seq.canvas_init) is not None and seq.num_canvases == 0:
+            given = torch.tensor([-1 if t is None else t for t in init.ids], dtype=torch.long, device=self.device)
+            canvas[: len(given)] = torch.where(given >= 0, given, canvas[: len(given)])
+            for start, end in init.pinned:
+                pinned[start:end] = True
+        self.canvases.start(seq.slot, canvas, pinned.to(self.device))
         seq.canvas_steps, seq.pinned_prefix, seq.streamed = 0, 0, 0
 
     @torch.no_grad()  # not inference_mode: see engine/graphs.py

@@ -85,37 +85,31 @@ class CanvasInit:
     pinned: tuple[tuple[int, int], ...] = ()
 
     def check(self, canvas_length: int, vocab_size: int) -> None:
-        """Raises InvalidRequestError unless this fits a canvas of that length over that vocabulary."""
-        self.check_ids(canvas_length, vocab_size)
-        self.check_pins()
-
-    def check_ids(self, canvas_length: int, vocab_size: int) -> None:
+        """Raises InvalidRequestError (field "canvas" or "pinned") unless this fits a canvas of that length over
+        that vocabulary."""
         if len(self.ids) > canvas_length:
-            raise InvalidRequestError(f"the canvas is {len(self.ids)} tokens; a canvas holds {canvas_length}")
+            raise InvalidRequestError(f"the canvas is {len(self.ids)} tokens; a canvas holds {canvas_length}", "canvas")
         if bad := [t for t in self.ids if t is not None and not 0 <= t < vocab_size]:
-            raise InvalidRequestError(f"canvas token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-
-    def check_pins(self) -> None:
+            raise InvalidRequestError(f"canvas token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "canvas")
         end = 0
         for start, stop in sorted(self.pinned):
             span = f"pinned span [{start}, {stop})"
             if not 0 <= start < stop <= len(self.ids):
-                raise InvalidRequestError(f"{span} is not inside the given canvas of {len(self.ids)} tokens")
+                raise InvalidRequestError(f"{span} is not inside the given canvas of {len(self.ids)} tokens", "pinned")
             if start < end:
-                raise InvalidRequestError(f"{span} overlaps another pinned span")
+                raise InvalidRequestError(f"{span} overlaps another pinned span", "pinned")
             if any(self.ids[i] is None for i in range(start, stop)):
-                raise InvalidRequestError(f"{span} covers positions without a token")
+                raise InvalidRequestError(f"{span} covers positions without a token", "pinned")
             end = stop
-
-    def pinned_positions(self) -> list[bool]:
-        mask = [False] * len(self.ids)
-        for start, stop in self.pinned:
-            mask[start:stop] = [True] * (stop - start)
-        return mask
 
 
 class InvalidRequestError(ValueError):
-    """The request itself is wrong (HTTP 400)."""
+    """The request itself is wrong (HTTP 400); `field` names the add_request argument at fault ("canvas" or
+    "pinned" for a CanvasInit's), where one is."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ContextLengthError(InvalidRequestError):

@@ -105,9 +105,10 @@ class Scheduler:
             return True
         if not seq.settles:
             return False
-        wanted = min(seq.params.max_tokens - seq.num_output_tokens, seq.canvas_length)
-        stop_ids = set(seq.params.stop_token_ids)
-        return pinned_prefix >= wanted or any(t in stop_ids for t in tokens[:pinned_prefix])
+        stops = seq.params.stop_token_ids
+        return pinned_prefix >= min(seq.tokens_left, seq.canvas_length) or any(
+            t in stops for t in tokens[:pinned_prefix]
+        )
 
     def after_step(
         self,
@@ -126,14 +127,13 @@ class Scheduler:
             seq.canvas_steps += 1
             seq.num_denoise_steps += 1
             seq.pinned_prefix = prefix
-            remaining = seq.params.max_tokens - seq.num_output_tokens
             if seq.params.stream_drafts:  # what may still be output, and any pins past it (an infill's suffix)
                 pins = seq.pinned_spans()
-                shown = max(remaining, pins[-1][1] if pins else 0)
+                shown = max(seq.tokens_left, pins[-1][1] if pins else 0)
                 events.append(Draft(seq.request_id, tokens[:shown], seq.canvas_steps, pins))
             if commits:
                 events.extend(self._finish_canvas(seq, tokens, candidates.get(seq.request_id)))
-            elif seq.settles and (upto := min(prefix, remaining)) > seq.streamed:
+            elif seq.settles and (upto := min(prefix, seq.tokens_left)) > seq.streamed:
                 events.append(BlockCommitted(seq.request_id, tokens[seq.streamed : upto], seq.canvas_steps, True))
                 seq.streamed = upto
         return events
@@ -141,7 +141,7 @@ class Scheduler:
     def _finish_canvas(self, seq: Sequence, tokens: list[int], candidates: list[list[int]] | None) -> list[EngineEvent]:
         """Commit the argmax canvas (walked under the grammar if constrained): stream what its settled prefix did not
         up to a stop token, the grammar's end or max_tokens, else queue it for the encoder."""
-        remaining = seq.params.max_tokens - seq.num_output_tokens
+        remaining = seq.tokens_left
         window = tokens[:remaining]
         complete = False
         if seq.constraint is not None:

@@ -54,17 +54,17 @@ class Sequence:
         """Whether this canvas pins and streams its settled prefix early (a grammar walks only whole canvases)."""
         return self.params.stream_prefix and self.constraint is None
 
+    @property
+    def tokens_left(self) -> int:
+        """Output tokens this sequence may still commit (max_tokens less what its finished canvases gave)."""
+        return self.params.max_tokens - self.num_output_tokens
+
     def pinned_spans(self) -> tuple[tuple[int, int], ...]:
-        """[start, end) spans of the current canvas's pinned positions: its settled prefix and the given pins."""
+        """[start, end) spans of the current canvas's pinned positions. The pinned prefix runs through every given
+        span that starts inside it, so the given spans left are those after it."""
         given = self.canvas_init.pinned if self.canvas_init is not None and self.num_canvases == 0 else ()
-        spans = sorted(([(0, self.pinned_prefix)] if self.pinned_prefix else []) + list(given))
-        merged: list[tuple[int, int]] = []
-        for start, end in spans:
-            if merged and start <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-            else:
-                merged.append((start, end))
-        return tuple(merged)
+        head = [(0, self.pinned_prefix)] if self.pinned_prefix else []
+        return tuple(head + sorted(span for span in given if span[0] > self.pinned_prefix))
 
     @property
     def steps_left(self) -> int:

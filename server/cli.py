@@ -258,17 +258,11 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         default=int(_env("PREFILL_CHUNK", "2048")),
         help="prompt tokens a sequence encodes per iteration (bounds a long prompt's memory)",
     )
-    serve.add_argument(
-        "--no-playground",
-        dest="playground",
-        action="store_false",
-        default=_env("PLAYGROUND", "1") != "0",
-        help="do not serve the web playground at /",
-    )
+    _add_off_switch(serve, "playground", "do not serve the web playground at /")
     serve.add_argument(
         "--stream-prefix",
         action=argparse.BooleanOptionalAction,
-        default=_env("STREAM_PREFIX", "0") not in ("0", "false", "no", "off"),
+        default=bool(_bool_or_none(_env("STREAM_PREFIX"))),
         help="stream each canvas's settled leading tokens before it commits, for requests that leave "
         "diffusion.stream_prefix unset (default: off)",
     )
@@ -278,13 +272,7 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         default=_bool_or_none(_env("COMPILE")),
         help="torch.compile the denoising step at start (default: on CUDA only)",
     )
-    serve.add_argument(
-        "--no-cuda-graphs",
-        dest="cuda_graphs",
-        action="store_false",
-        default=_env("CUDA_GRAPHS", "1") != "0",
-        help="run the compiled step without capturing it as CUDA graphs",
-    )
+    _add_off_switch(serve, "cuda_graphs", "run the compiled step without capturing it as CUDA graphs")
     serve.add_argument(
         "--max-capture-len",
         type=int,
@@ -359,6 +347,12 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         default=_names(_env("CORS_ORIGINS", "")),
         help="origins allowed by CORS (comma-separated); CORS is off without them",
     )
+
+
+def _add_off_switch(parser: argparse.ArgumentParser, dest: str, help: str) -> None:
+    """--no-<dest>: on unless given, or unless DGSERVE_<DEST>=0."""
+    parser.add_argument(f"--no-{dest.replace('_', '-')}", dest=dest, action="store_false",
+                        default=_env(dest.upper(), "1") != "0", help=help)  # fmt: skip
 
 
 def _names(value: str) -> list[str]:

@@ -176,9 +176,6 @@ class Serving:
         canvas: CanvasInit | None = None,
     ) -> list[Choice]:
         canvas = canvas or self._warm_start(body)
-        if canvas is not None and canvas.pinned and grammar is not None:
-            raise OpenAIError(400, "diffusion.pinned cannot be combined with response_format or tools (the grammar "
-                              "may rewrite any position)", "invalid_request", "diffusion.pinned")  # fmt: skip
         choices = []
         for p, ids in enumerate(prompts):
             budget = max_tokens or max(1, min(self.default_max_tokens, self.max_model_len - len(ids)))
@@ -199,19 +196,12 @@ class Serving:
         return choices
 
     def _warm_start(self, body: SamplingFields) -> CanvasInit | None:
-        """diffusion.canvas and diffusion.pinned as the first canvas's start; errors name the parameter."""
+        """diffusion.canvas and diffusion.pinned as the first canvas's start (the engine checks them)."""
         d = body.diffusion
         if d is None or d.canvas is None:
             return None
         ids = self.tokenizer.encode(d.canvas) if isinstance(d.canvas, str) else d.canvas
-        canvas = CanvasInit(tuple(ids), tuple(d.pinned or ()))
-        for check, param in ((lambda: canvas.check_ids(self.canvas_length, self.vocab_size), "diffusion.canvas"),
-                             (canvas.check_pins, "diffusion.pinned")):  # fmt: skip
-            try:
-                check()
-            except InvalidRequestError as exc:
-                raise OpenAIError(400, f"{param}: {exc}", "invalid_request", param) from None
-        return canvas
+        return CanvasInit(tuple(ids), tuple(d.pinned or ()))
 
     def _infill(self, suffix: str, max_tokens: int | None) -> tuple[CanvasInit, int]:
         """The canvas of an infill and the middle's length: the suffix's ids pinned right after a middle of
@@ -464,7 +454,8 @@ def _admission_error(exc: InvalidRequestError | QueueFullError | EngineDeadError
     if isinstance(exc, EngineDeadError):
         return OpenAIError(503, "the engine is not running", "engine_unavailable", retry_after=5)
     code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else "invalid_request"
-    return OpenAIError(400, str(exc), code)
+    param = None if exc.field is None else f"diffusion.{exc.field}"  # the engine's CanvasInit fields
+    return OpenAIError(400, str(exc), code, param)
 
 
 class _EventBuffer:

@@ -71,6 +71,12 @@ class Playground:
                 .observe(canvas, {childList: true, subtree: true, characterData: true});
         }""")
 
+    def record_bodies(self) -> list[dict]:
+        """The JSON bodies of the page's POST requests from now on, appended as they are sent."""
+        bodies: list[dict] = []
+        self.page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
+        return bodies
+
     def frames(self) -> int:
         return self.page.evaluate("window.__frames.size")
 
@@ -120,8 +126,7 @@ def test_page_loads_clean_with_csp_and_hooks(browser, demo_server):
 def test_reply_denoises_on_the_canvas_then_lands_in_a_multi_turn_transcript(browser, demo_server):
     view = Playground(browser, demo_server)
     view.ready()
-    bodies: list[dict] = []
-    view.page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
+    bodies = view.record_bodies()
     view.record_frames()
     # A tiny entropy bound accepts about one position per step: the canvas crystallises slowly enough to watch.
     view.set(system="You answer from the Python manual.", steps="40", entropy_bound="0.0001", seed="0")
@@ -154,8 +159,7 @@ def test_reply_denoises_on_the_canvas_then_lands_in_a_multi_turn_transcript(brow
 def test_early_streaming_shows_settled_text_before_the_canvas_commits(browser, demo_server):
     view = Playground(browser, demo_server)
     view.ready()
-    bodies: list[dict] = []
-    view.page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
+    bodies = view.record_bodies()
     view.page.check("#stream_prefix")
     view.set(seed="0")
     view.send("What is the try statement?")
