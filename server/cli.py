@@ -13,7 +13,9 @@ import torch
 from transformers import AutoTokenizer
 
 from engine.config import EngineConfig
+from engine.device import DeviceUnavailableError, check_device
 from engine.engine import Engine
+from engine.memory import InsufficientMemoryError
 from engine.request import BlockCommitted, CanvasInit, Draft, Finished, SamplingParams
 from models.hub import DEMO, RANDOM_DEMO, resolve_checkpoint
 from models.quant import QUANTIZATION_CHOICES
@@ -113,7 +115,10 @@ def _generate(args: argparse.Namespace) -> None:
         max_num_seqs=1,
         reference_mode=args.reference,
     )
-    engine = Engine(config, progress=not args.json)
+    try:
+        engine = Engine(config, progress=not args.json)
+    except (DeviceUnavailableError, InsufficientMemoryError) as exc:
+        sys.exit(f"dgserve generate: {exc}")
     try:
         engine.add_request("cli", prompt_ids, _sampling_params(args), canvas=_canvas(args, tokenizer))
     except ValueError as exc:
@@ -162,33 +167,40 @@ def _serve(args: argparse.Namespace) -> None:
     from engine.async_engine import AsyncEngine
     from server.app import LOCAL_HOSTS, ServerConfig, create_app
     from server.connections import ConnectionGuard, ConnectionLimits
-    from server.lifecycle import DrainingServer, ServerState
+    from server.lifecycle import DrainingServer, ServerState, local_url
     from server.metrics import Metrics
     from server.text import Tokenizer
 
+    device = _device(args.device)
+    try:
+        if device is not None:  # before the weights are downloaded, not after
+            check_device(torch.device(device), requested=True)
+    except DeviceUnavailableError as exc:
+        sys.exit(f"dgserve serve: {exc}")
     checkpoint = resolve_checkpoint(args.model)
     _warn_if_demo(args.model, checkpoint)
     name = args.served_model_name or ("dgserve-demo" if args.model in (None, DEMO) else args.model)
     metrics = Metrics(name)
-    engine = AsyncEngine(
-        EngineConfig(
-            str(checkpoint),
-            device=args.device,
-            dtype=args.dtype,
-            quantization=args.quantization,
-            max_num_seqs=args.max_num_seqs,
-            max_model_len=args.max_model_len,
-            kv_budget_bytes=args.kv_budget_bytes,
-            kv_budget_fraction=args.kv_budget_fraction,
-            max_waiting=args.max_waiting,
-            prefill_chunk=args.prefill_chunk,
-            compile=args.compile,
-            cuda_graphs=args.cuda_graphs,
-            max_capture_len=args.max_capture_len,
-            fault_injection=os.environ.get("DGSERVE_TEST_FAULT"),
-        ),
-        on_step=metrics.on_step,
+    config = EngineConfig(
+        str(checkpoint),
+        device=device,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        kv_budget_bytes=args.kv_budget_bytes,
+        kv_budget_fraction=args.kv_budget_fraction,
+        max_waiting=args.max_waiting,
+        prefill_chunk=args.prefill_chunk,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        max_capture_len=args.max_capture_len,
+        fault_injection=os.environ.get("DGSERVE_TEST_FAULT"),
     )
+    try:
+        engine = AsyncEngine(config, on_step=metrics.on_step)
+    except (DeviceUnavailableError, InsufficientMemoryError) as exc:
+        sys.exit(f"dgserve serve: {exc}")
     budget = engine.info.kv_budget_bytes
     metrics.kv_budget.set(budget)
     typical = engine.info.kv_bytes_for(1024, 1024)
@@ -196,13 +208,14 @@ def _serve(args: argparse.Namespace) -> None:
         "model %s from %s; KV budget %.1f GiB: %d sequences of 1K prompt + 1K output fit at once (max_num_seqs %d)",
         name, checkpoint, budget / 2**30, budget // typical, args.max_num_seqs,
     )  # fmt: skip
-    local = args.host in LOCAL_HOSTS
-    allowed = frozenset({*LOCAL_HOSTS, *args.allowed_hosts}) if local and "*" not in args.allowed_hosts else None
-    config = ServerConfig(name, api_key=args.api_key, allowed_hosts=allowed, cors_origins=tuple(args.cors_origins),
-                          playground=args.playground, stream_prefix=args.stream_prefix)  # fmt: skip
+    # Whatever the bind address (a container binds 0.0.0.0): only these Host names are answered (DNS rebinding).
+    allowed = None if "*" in args.allowed_hosts else frozenset({*LOCAL_HOSTS, *(h.lower() for h in args.allowed_hosts)})
+    server_config = ServerConfig(name, api_key=args.api_key, allowed_hosts=allowed,
+                                 cors_origins=tuple(args.cors_origins), playground=args.playground,
+                                 stream_prefix=args.stream_prefix)  # fmt: skip
     state = ServerState()
-    app = create_app(engine, Tokenizer(checkpoint), metrics, config, state)
-    url = f"http://{args.host}:{args.port}"
+    app = create_app(engine, Tokenizer(checkpoint), metrics, server_config, state)
+    url = local_url(args.host, args.port)
     auth = " -H 'Authorization: Bearer $DGSERVE_API_KEY'" if args.api_key else ""
     if args.playground:
         logger.info("playground on %s/", url)
@@ -220,12 +233,16 @@ def _serve(args: argparse.Namespace) -> None:
         send_buffer=args.send_buffer,
         max_connections=args.max_connections,
         max_connections_per_client=args.max_connections_per_client,
-        max_body_bytes=config.max_body_bytes,
+        max_body_bytes=server_config.max_body_bytes,
     )
     # ws="none": no WebSocket routes, and an upgrade would take the connection out of the guard's hands.
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5,
                                     http=ConnectionGuard(limits, metrics).protocol, ws="none")  # fmt: skip
-    DrainingServer(uvicorn_config, state, engine, args.drain_timeout).run()
+    DrainingServer(uvicorn_config, state, engine, args.drain_timeout, args.url_file).run()
+
+
+def _device(value: str | None) -> str | None:
+    return None if value in (None, "auto") else value
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -240,7 +257,11 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--api-key", default=_env("API_KEY"), help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"), help="the model id clients use")
     serve.add_argument("--dtype", default=_env("DTYPE"), choices=["bfloat16", "float32"])
-    serve.add_argument("--device", default=_env("DEVICE"))
+    serve.add_argument(
+        "--device",
+        default=_env("DEVICE", "auto"),
+        help="auto (CUDA if usable, else the CPU if the model fits its memory), cuda, cuda:1, cpu",
+    )
     serve.add_argument(
         "--quantization",
         default=_env("QUANTIZATION"),
@@ -284,6 +305,12 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         type=float,
         default=float(_env("DRAIN_TIMEOUT", "30")),
         help="on SIGTERM, seconds in-flight requests get to finish before they are failed",
+    )
+    serve.add_argument(
+        "--url-file",
+        default=_env("URL_FILE"),
+        help="once listening, write the server's local URL (http://127.0.0.1:PORT) to this file (the image's "
+        "health check reads it)",
     )
     group = serve.add_argument_group("connection limits (slow or stalled clients)")
     group.add_argument(
@@ -339,7 +366,8 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         "--allowed-hosts",
         type=_names,
         default=_names(_env("ALLOWED_HOSTS", "")),
-        help="extra Host names accepted when bound to loopback (comma-separated; '*' = any)",
+        help="Host names answered besides localhost, 127.0.0.1 and ::1, whatever the bind address "
+        "(comma-separated; '*' = any, which opens the server to DNS rebinding)",
     )
     serve.add_argument(
         "--cors-origins",
