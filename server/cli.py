@@ -110,7 +110,7 @@ def _generate(args: argparse.Namespace) -> None:
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
     config = EngineConfig(
         str(checkpoint),
-        device=args.device,
+        device=_device(args.device),
         dtype=args.dtype,
         max_num_seqs=1,
         reference_mode=args.reference,
@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--reference", action="store_true", help="exact transformers generate() mode (global RNG)")
     gen.add_argument("--json", action="store_true", help="print one JSON record: token ids, text, usage")
     gen.add_argument("--drafts", action="store_true", help="show the refining canvas after every step (stderr)")
-    gen.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    gen.add_argument("--device", default="auto", help="auto (CUDA if usable, else a CPU it fits), cuda, cpu")
     gen.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bf16 on CUDA, fp32 on CPU")
     gen.add_argument("--quantization", choices=QUANTIZATION_CHOICES, help="quantize a bf16 checkpoint at load")
     _add_sampling_arguments(gen)
