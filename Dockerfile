@@ -20,9 +20,10 @@
 #     needs a driver >= 580; CUDA 12.x runs on >= 525 with a limited feature set, and CUDA 12.8's own driver is 570.
 #     The data-center forward-compatibility package (cuda-compat) does not help consumer (RTX) cards: their driver
 #     must meet the floor itself.
-#   - PyTorch publishes cu126, cu128 and cu130 wheels for linux x86_64 and aarch64 (torch 2.9-2.11 all have cu128 and
-#     cu130: replicate/cog's pkg/config/torch_compatibility.json, generated from download.pytorch.org). If a
-#     TORCH_VERSION is missing for one, the build fails at the pip install; pass another with --build-arg.
+#   - PyTorch publishes cu128 and cu130 wheels of each release (torch 2.9, 2.10 and 2.11 all have both:
+#     replicate/cog's pkg/config/torch_compatibility.json, generated from download.pytorch.org), for linux aarch64
+#     too since torch 2.9 (its release notes; not re-checked here, as 2.13.0's presence on cu128/cu130 is not: no
+#     network here). If TORCH_VERSION is missing for a variant, the pip install fails the build: pass another.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # cuda12, cuda13 or cpu. `FROM variant-${VARIANT}` names a stage below, not an image: hadolint cannot see that,
 # hence its DL3006 (untagged image) is silenced on that line only.
