@@ -41,6 +41,9 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state, self.engine, self.drain_timeout, self.url_file = state, engine, drain_timeout, url_file
 
+    def _log_started_message(self, listeners: list[socket.socket]) -> None:
+        """Silent: dgserve's own line names a URL to open, where uvicorn's names the bind address (0.0.0.0)."""
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.url_file and self.servers and not self.should_exit:
