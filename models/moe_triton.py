@@ -19,12 +19,14 @@ and bf16 conversions: sm80 has no native fp8 conversion, and the interpreter rou
 arithmetic is what runs, and rounds, identically on every GPU and under the interpreter (which is how the tests run it
 on CPU: TRITON_INTERPRET=1).
 
-Triton is optional: this module imports without it, and the kernel is defined on first use (triton reads
-TRITON_INTERPRET when it decorates, so the first call decides between compiled and interpreted).
+Triton is optional: this module imports without it (available() is then False). The kernel is decorated on first use;
+to run it on CPU tensors, set TRITON_INTERPRET=1 before triton is imported (triton.language's own jitted functions,
+such as tl.sum, are decorated then).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -84,8 +86,8 @@ def launch_config(capability: tuple[int, int] | None, fmt: str) -> LaunchConfig:
     if fmt not in FORMATS:
         raise ValueError(f"unknown grouped GEMM format {fmt!r}; choose from {list(FORMATS)}")
     config = LAUNCH_CONFIGS[device_class(capability)]
-    if fmt == "fp8_w8a8" and capability is not None:
-        config = LaunchConfig(config.block_m, config.block_n, 2 * config.block_k, config.num_warps, config.num_stages)
+    if fmt == "fp8_w8a8" and capability is not None:  # (the interpreter's K tile is already its widest)
+        config = dataclasses.replace(config, block_k=2 * config.block_k)
     return config
 
 
@@ -249,6 +251,12 @@ def grouped_gemm(
     of config.block_m); rows from offsets[-1] on are not computed. W is `qweight` [E, out, ...] in `fmt` with its
     scales; out_dtype defaults to x's (give it for "fp8_w8a8", whose x holds fp8 rows with fp32 `row_scale` [N, 1]).
     One opaque op to torch.compile; static shapes, no host sync, no data-dependent allocation (CUDA-graph safe)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown grouped GEMM format {fmt!r}; choose from {list(FORMATS)}")
+    packed_in = qweight.shape[-1] * (2 if fmt == "nvfp4" else 1)
+    if qweight.dim() != 3 or packed_in != x.shape[-1]:
+        raise ValueError(f"{fmt} weight {tuple(qweight.shape)} does not take rows of width {x.shape[-1]}")
+    scale, scale_2, row_scale = (t if t is None else t.contiguous() for t in (scale, scale_2, row_scale))
     return _grouped_gemm(
         x.contiguous(), offsets, fmt, qweight.contiguous(), scale, scale_2, divisor, row_scale,
         out_dtype or x.dtype, config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages,
