@@ -211,12 +211,12 @@ def _grouped_gemm(
     # fp8 bytes as uint8 for the bit-arithmetic decode (the W8A8 dot takes them as fp8).
     w = qweight.view(torch.uint8) if fmt == "fp8" else qweight
     scale = scale.view(torch.uint8) if fmt == "nvfp4" else scale
-    grid = (_cdiv(num_rows, block_m), _cdiv(n_out, block_n))
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n_out, block_n))
     _kernel()[grid](
         x, w, scale, scale_2, row_scale, offsets, out,
         n_out, x.shape[1], x.stride(0), out.stride(0),
         NUM_EXPERTS=num_experts,
-        EXPERTS_POW2=max(16, 1 << (num_experts - 1).bit_length()),
+        EXPERTS_POW2=triton.next_power_of_2(num_experts),  # tl.arange's length
         FMT=fmt,
         DIVISOR=divisor,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32 activations: no tf32
@@ -229,10 +229,6 @@ def _grouped_gemm(
 @_grouped_gemm.register_fake
 def _(x, offsets, fmt, qweight, scale, scale_2, divisor, row_scale, out_dtype, *config):
     return x.new_empty(x.shape[0], qweight.shape[1], dtype=out_dtype)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def grouped_gemm(
