@@ -1,6 +1,8 @@
 """The denoising step on one GPU with the real model's shapes: parity on the device, ms per step eager / compiled /
 CUDA graphs at B = 1, 4, 16 and 1K / 4K context, the transformers reference step, peak memory, each against the
-spec 8.3 floor. Needs only torch, transformers and safetensors: the real-shaped model is built with random bf16
+spec 8.3 floor; then the same step with fp8 and nvfp4 experts (quantized at build, as `--quantization` does), each
+with the expert path it took (models.gemm_path) and its parity against the dequantised weights. Needs only torch,
+transformers and safetensors (and the triton that CUDA torch brings): the real-shaped model is built with random
 weights on the GPU itself (no download, no 50 GB file).
 
     bash benchmarks/gpu_check.sh                     # one NVIDIA GPU, under 8 minutes
@@ -21,6 +23,7 @@ import torch
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import BlockCommitted, SamplingParams
+from models.quantized_checkpoint import write_quantized_checkpoint
 from models.random_checkpoint import config_json, random_model, write_random_checkpoint
 
 # Spec 8.3, H100 SXM, bf16, unfused sampler, L = 4K: the bandwidth/compute floor of one denoising forward (ms).
@@ -55,6 +58,27 @@ def parity(device: torch.device) -> None:
         same = next((i for i, (a, b) in enumerate(zip(ours, expected, strict=False)) if a != b), min(len(ours), 64))
         verdict = "PASS" if ours == expected[: len(ours)] else "DIFF"
         print(f"parity {dtype!s:15s} reference mode vs generate(): {verdict}, first {same} tokens equal")
+
+
+def quantized_parity(device: torch.device, scheme: str) -> None:
+    """Reference-mode tokens of a tiny quantized checkpoint on this device, through the path it takes here, against
+    its dequantised twin on the CPU (exact), in fp32. Weight-only paths (fp8 before sm89, nvfp4) should be equal;
+    W8A8 quantizes activations too, so its tokens part at the first close call."""
+    prompt, params = [2, 105, 236, 107, 925, 106, 107], SamplingParams(max_tokens=64, seed=0)
+    tokens, paths = [], []
+    with tempfile.TemporaryDirectory() as directory:
+        fmt = "fp8" if scheme == "fp8" else "nvfp4-modelopt"
+        checkpoint = write_quantized_checkpoint(f"{directory}/q", fmt, "tiny", twin=f"{directory}/twin")
+        for path, where in ((checkpoint, device), (f"{directory}/twin", torch.device("cpu"))):
+            engine = Engine(EngineConfig(str(path), device=str(where), dtype="float32", max_num_seqs=1,
+                                         reference_mode=True, kv_budget_bytes=2**26))  # fmt: skip
+            paths.append(str(engine.model.layers[0].experts.path))
+            events = engine.generate({"r": (prompt, params)})["r"]
+            tokens.append([t for e in events if isinstance(e, BlockCommitted) for t in e.token_ids])
+    ours, expected = tokens
+    same = next((i for i, (a, b) in enumerate(zip(ours, expected, strict=False)) if a != b), len(ours))
+    verdict = "PASS" if ours == expected else "DIFF"
+    print(f"parity {scheme:5s} fp32, {paths[0]}, vs dequantised on the CPU: {verdict}, first {same} tokens equal")
 
 
 def denoising(engine: Engine, rows: int, context: int) -> list[str]:
@@ -174,6 +198,30 @@ def report(results: dict, rows: list[int], contexts: list[int], modes: list[str]
         print(f"  {verdict}  B=4 >= 3.4x the tokens/s of B=1: {'-' if gain is None else f'{gain:.2f}x'}")
 
 
+def quantized(args: argparse.Namespace, scheme: str, results: dict, device: torch.device, dtype: torch.dtype) -> None:
+    """The step with `scheme` experts (and linears, for fp8): parity, then ms per step against bf16's."""
+    if not args.skip_parity:
+        quantized_parity(device, scheme)
+    model = random_model(args.size, dtype, device, quantization=scheme)
+    print(f"{args.size} model, {scheme}: {model[0].layers[0].experts.path}")
+    context = args.contexts[0]
+    budget = max(args.rows) * (300 * 2**20 + ((context + 768) // 256 + 1) * 6 * 2**20) + 2**30
+    for mode in args.quantized_modes:
+        config = EngineConfig(
+            args.size, device=args.device, dtype=args.dtype, max_num_seqs=max(args.rows), kv_budget_bytes=budget,
+            compile=mode == "graphs", max_capture_len=context + 768,
+        )  # fmt: skip
+        make = lambda config=config, model=model: Engine(config, model=model)  # noqa: E731
+        measured: dict = {}
+        measure(mode, make, args.rows, [context], measured, device)
+        for (name, b, c), ms in measured.items():
+            bf16 = results.get((name, b, c))
+            ratio = "" if bf16 is None else f" ({bf16 / ms:.2f}x the speed of bf16 {name})"
+            print(f"  {scheme} {name:8s} B={b:<2d} L={c:<5d} {ms:8.1f} ms/step{ratio}")
+    del model
+    release(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -185,6 +233,8 @@ def main() -> None:
         "--modes", nargs="+", default=["reference", "eager", "graphs"],
         help="reference, eager, graphs (graphs also measures the compiled step without its CUDA graphs)",
     )  # fmt: skip
+    parser.add_argument("--quantizations", nargs="*", default=["fp8", "nvfp4"], help="formats measured after bf16")
+    parser.add_argument("--quantized-modes", nargs="+", default=["eager"], help="their modes, at the first context")
     parser.add_argument("--skip-parity", action="store_true")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -216,6 +266,8 @@ def main() -> None:
                 ms = results["reference", b, context]
                 print(f"  reference B={b:<2d} L={context:<5d} {'OOM' if ms is None else f'{ms:8.1f}'} ms/step")
     report(results, args.rows, args.contexts, args.modes)
+    for scheme in args.quantizations:
+        quantized(args, scheme, results, device, dtype)
     print(f"\ngpu_bench took {time.perf_counter() - start:.0f} s")
 
 

@@ -16,6 +16,9 @@ class EngineConfig:
     device: str | None = None  # None: cuda if available, else cpu
     dtype: str | None = None  # "bfloat16" | "float32"; None: bf16 on CUDA, fp32 on CPU (bf16 matmuls crawl on CPU)
     quantization: str | None = None  # "fp8" | "nvfp4": quantize a bf16 checkpoint's weights at load (models.quant)
+    # Run the kernels a GPU of this class would (models.gemm_path, e.g. "sm89"): for analysis (benchmarks/step_ops.py)
+    # and the Triton kernels' CPU tests; None: the device's own.
+    device_class: str | None = None
     max_num_seqs: int = 8  # sequences denoising at once
     max_model_len: int | None = None  # prompt + max_tokens limit; None: the checkpoint's max_position_embeddings
     kv_budget_bytes: int | None = None  # KV memory for all sequences; None: kv_budget_fraction of free memory

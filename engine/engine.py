@@ -52,6 +52,7 @@ class Engine:
                 progress,
                 expert_row_alignment=1 if config.reference_mode else 4,
                 quantization=config.quantization,
+                device_class=config.device_class,
             )
         self.model, self.model_config, self.generation_defaults = model
         max_model_len = config.max_model_len or self.model_config.max_position_embeddings

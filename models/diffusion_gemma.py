@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import moe_triton
 from models.config import LayerGeometry, ModelConfig
+from models.gemm_path import ExpertPath, expert_path, torch_grouped_mm
 from models.kv_cache import Attend
 
 
@@ -133,28 +135,9 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[experts], experts
 
 
-# Dynamo would break the graph at get_device_capability; the answer is fixed by (device, dtype), which the
-# compiled graph's guards on its inputs already pin.
-@torch.compiler.assume_constant_result
-def _grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether F.grouped_mm is fast here. On CPU it is the reference's own kernel (bit parity). On CUDA only sm90 and
-    sm100 (major 9, 10) have its bf16 kernel; other GPUs (sm80-89, sm120/121: RTX 50xx, GB10), other dtypes and ROCm
-    run a per-expert loop that copies the offsets to the host (spec 13)."""
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if device.type == "cpu":
-        return True
-    return (
-        device.type == "cuda"
-        and torch.version.hip is None
-        and dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(device)[0] in (9, 10)
-    )
-
-
 @torch.library.custom_op("dgserve::grouped_mm", mutates_args=())
 def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return F.grouped_mm(x, weight, offs=offsets)
+    return torch_grouped_mm()(x, weight, offs=offsets)
 
 
 @_grouped_mm.register_fake
@@ -173,7 +156,8 @@ class Experts(nn.Module):
     """Packed experts: gate_up_proj [E, 2I, H] (gate rows first, then up), down_proj [E, H, I] (spec 2.3).
 
     The forward has static shapes and no host syncs (CUDA graphs, torch.compile fullgraph). Its GEMMs are the methods
-    `_grouped_linear` and `_expert_linear`, which models.quant.QuantExperts replaces for quantized weights."""
+    `_grouped_linear` and `_expert_linear`, run as `path` says (models.gemm_path: set once at load, the CPU's until
+    then); models.quant.QuantExperts replaces them for quantized weights."""
 
     def __init__(self, config: ModelConfig, row_alignment: int = 1) -> None:
         super().__init__()
@@ -184,19 +168,23 @@ class Experts(nn.Module):
         # CPU GEMMs round a row differently when a group has few rows (fewer than 12, not a multiple of 4), so a
         # token's output would depend on what else is routed to its expert. Padding every group to a multiple of 4
         # rows makes each token's result independent of the batch. 1 = no padding, as the reference runs.
-        self.row_alignment = row_alignment
+        self.batch_alignment = row_alignment
+        self.set_path(expert_path(torch.device("cpu"), torch.float32, None))
+
+    def set_path(self, path: ExpertPath) -> None:
+        self.path = path
+        self.row_alignment = path.row_alignment(self.batch_alignment)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/experts [T, K] -> [T, H]: sum_k w_k * expert_k(x), summed in fp32 (grouped_mm)."""
         num_tokens, top_k = experts.shape
-        pair_outputs = self._grouped if self._use_grouped_mm(x) else self._every_expert
+        pair_outputs = self._every_expert if self.path.kernel == "every_expert" else self._grouped
         y = pair_outputs(x, experts) * weights.reshape(-1, 1)  # fp32 from here on
         return y.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
-    def _use_grouped_mm(self, x: torch.Tensor) -> bool:
-        return _grouped_mm_ok(x.device, x.dtype)
-
     def _grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if self.path.kernel == "triton":
+            return moe_triton.grouped_gemm(x, offsets, "bf16", weight, self.path.launch)  # "bf16": any float weight
         return grouped_linear(x, weight, offsets)
 
     def _expert_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -228,8 +216,8 @@ class Experts(nn.Module):
         return self._grouped_linear(hidden, self.down_proj, offsets).index_select(0, row)
 
     def _every_expert(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """[T*K, H] like _grouped, where grouped_mm is slow: every expert runs on every token (one GEMM, one batched
-        GEMM) and each pair takes its (expert, token) row.
+        """[T*K, H] like _grouped, where there is no grouped GEMM (models.gemm_path): every expert runs on every token
+        (one GEMM, one batched GEMM) and each pair takes its (expert, token) row.
 
         This is the per-expert layout with a static capacity of T rows, without the scatter. No smaller capacity is
         safe (any T tokens may pick one expert), and a token routed twice to an expert reads the same row, where

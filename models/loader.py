@@ -22,7 +22,8 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from models.config import ConfigError, GenerationDefaults, ModelConfig, load_config
-from models.diffusion_gemma import DiffusionGemma
+from models.diffusion_gemma import DiffusionGemma, Experts
+from models.gemm_path import expert_path, linear_path
 from models.quant import (
     QuantExperts,
     QuantLinear,
@@ -129,10 +130,12 @@ def load_model(
     progress: bool = True,
     expert_row_alignment: int = 1,
     quantization: str | None = None,
+    device_class: str | None = None,
 ) -> tuple[DiffusionGemma, ModelConfig, GenerationDefaults]:
     """Read config, build the model without initialising it, and fill every tensor from memory-mapped files, one at a
     time: a quantized checkpoint stays quantized, and `quantization` ("fp8", "nvfp4") quantizes a bf16 one tensor by
-    tensor on the device, so the bf16 model never exists there whole."""
+    tensor on the device, so the bf16 model never exists there whole. `device_class` (e.g. "sm89") chooses the
+    kernels that GPU class would run (models.gemm_path): for analysis and the Triton kernels' CPU tests."""
     directory = Path(checkpoint_dir)
     config, generation = load_config(directory)
     plan = checkpoint_plan(directory, quantization)
@@ -161,9 +164,29 @@ def load_model(
     if missing := sorted(set(specs) - loaded):
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
     model.eval()
+    choose_kernels(model, torch.device(device), dtype, device_class)
     fmt = plan.format if plan else str(dtype).removeprefix("torch.")
     logger.info("loaded %s: %d tensors from %d file(s), %s on %s", directory, len(loaded), len(files), fmt, device)
     return model, config, generation
+
+
+def choose_kernels(
+    model: DiffusionGemma, device: torch.device, dtype: torch.dtype, device_class: str | None = None
+) -> None:
+    """Fix each expert module's and quantized linear's GEMM for this device (models.gemm_path), and log the choice."""
+    chosen: set[str] = set()
+    for module in model.modules():
+        if isinstance(module, Experts):
+            scheme = getattr(module, "scheme", None)
+            path = expert_path(device, dtype, scheme, device_class)
+            module.set_path(path)
+            chosen.add(f"{path}" + (f" ({scheme} weights, dequantised exactly)" if path.weights == "dense" and scheme
+                                     else ""))  # fmt: skip
+        elif isinstance(module, QuantLinear):
+            module.path = linear_path(device, module.scheme, device_class)
+            chosen.add(f"quantized linears: {module.path} {module.scheme}")
+    for line in sorted(chosen):
+        logger.info(line)
 
 
 def param_to_checkpoint_key(param: str) -> str:

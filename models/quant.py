@@ -14,9 +14,9 @@ Two schemes, one in-memory layout each whatever the file format (fused experts k
   w = bf16(e2m1(q) * (fp32(scale) * scale_2)), or `/ scale_2` where the file stores it as a divisor
   (compressed-tensors' `weight_global_scale`): each format exactly as its own library dequantises.
 
-Compute (`linear_path`, `experts_path`): CPU dequantises exactly, so a quantized checkpoint reproduces its dequantised
-bf16 twin; CUDA sm89+ runs fp8 weights as W8A8 GEMMs with per-token dynamic activation scales; everything else
-(nvfp4, fp8 before sm89) dequantises one weight, or one expert, right before its GEMM (W4A16 / W8A16).
+Compute: models.gemm_path chooses each module's GEMM at load. CPU dequantises exactly, so a quantized checkpoint
+reproduces its dequantised bf16 twin; GPUs run the experts as one grouped GEMM per projection (torch's fp8 kernel on
+sm90/sm100, else models.moe_triton, which dequantises in registers), and fp8 linears as W8A8 GEMMs on sm89+.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import moe_triton
 from models.config import ConfigError
 from models.diffusion_gemma import Experts, grouped_linear
 
@@ -215,32 +216,6 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
-# Fixed by the device, which compiled graphs' guards already pin (as models.diffusion_gemma._grouped_mm_ok).
-@torch.compiler.assume_constant_result
-def linear_path(device: torch.device, scheme: str) -> str:
-    """ "w8a8": fp8 weights times per-token fp8 activations (torch._scaled_mm, rowwise scales: sm89+, i.e. RTX 40xx,
-    H100/H200, B200, RTX 50xx, GB10); "dequantize": weight-only (CPU, where it is exact; Ampere; nvfp4)."""
-    capability = _capability(device)
-    return "w8a8" if scheme == FP8 and capability is not None and capability >= (8, 9) else "dequantize"
-
-
-@torch.compiler.assume_constant_result
-def experts_path(device: torch.device, scheme: str) -> str:
-    """ "dequantize": all experts at once, then the bf16 path's grouped_mm (CPU only: exact, and the copy is cheap
-    beside a CPU's GEMMs); "scaled_grouped_mm": one fp8 grouped GEMM over the routed rows, where torch has its kernel
-    (sm90, sm100); "scaled_mm_per_expert": an fp8 GEMM per expert over every token (other sm89+ GPUs);
-    "dequantize_per_expert": one expert dequantised at a time right before its GEMM, so that a bf16 copy of all 128
-    experts never exists (nvfp4 on every GPU, fp8 on Ampere and ROCm)."""
-    if device.type != "cuda":
-        return "dequantize"
-    capability = _capability(device)
-    if scheme == FP8 and capability is not None and capability[0] in (9, 10):
-        return "scaled_grouped_mm"
-    if scheme == FP8 and capability is not None and capability >= (8, 9):
-        return "scaled_mm_per_expert"
-    return "dequantize_per_expert"
-
-
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token dynamic fp8 activations: x [N, in] -> fp8 [N, in], fp32 scales [N, 1]."""
     scale = (x.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp(min=TINY)
@@ -297,48 +272,49 @@ class QuantLinear(QuantizedWeight):
 
     def __init__(self, linear: nn.Linear, plan: QuantPlan) -> None:
         super().__init__((linear.out_features, linear.in_features), plan)
+        self.path = "dequantize"  # models.gemm_path.linear_path, set at load
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if linear_path(x.device, self.scheme) == "w8a8":
+        if self.path == "w8a8":
             return fp8_linear(x, self.qweight, self.scale)
         return F.linear(x, self.dequantize(x.dtype))
 
 
 class QuantExperts(Experts):
     """Experts with quantized gate_up_proj [E, 2I, H] and down_proj [E, H, I]: the routing is Experts', only the
-    GEMMs change (experts_path). Fixed shapes and no host syncs on every path, as in Experts."""
+    GEMMs change (models.gemm_path). Fixed shapes and no host syncs on every path, as in Experts."""
 
     def __init__(self, experts: Experts, plan: QuantPlan) -> None:
         nn.Module.__init__(self)  # not Experts.__init__: its bf16 parameters are what this class replaces
-        self.num_experts, self.row_alignment = experts.num_experts, experts.row_alignment
+        self.num_experts, self.batch_alignment = experts.num_experts, experts.batch_alignment
         self.gate_up_proj = QuantizedWeight(tuple(experts.gate_up_proj.shape), plan)
         self.down_proj = QuantizedWeight(tuple(experts.down_proj.shape), plan)
         self.scheme = plan.scheme
-
-    def _use_grouped_mm(self, x: torch.Tensor) -> bool:
-        return experts_path(x.device, self.scheme) in ("dequantize", "scaled_grouped_mm")
+        self.set_path(experts.path)
 
     def _grouped_linear(self, x: torch.Tensor, weight: QuantizedWeight, offsets: torch.Tensor) -> torch.Tensor:
-        if experts_path(x.device, self.scheme) == "scaled_grouped_mm":
+        kernel, weights = self.path.kernel, self.path.weights
+        if kernel == "grouped_mm":  # CPU: exactly as the format's library dequantises
+            return grouped_linear(x, weight.dequantize(x.dtype), offsets)
+        if weights == "fp8_w8a8":
             rows, row_scale = quantize_rows(x)
-            column_scale = weight.scale.float().squeeze(-1)
-            return torch._scaled_grouped_mm(
-                rows, weight.qweight.mT, row_scale.squeeze(-1), column_scale, offs=offsets, out_dtype=x.dtype
-            )
-        return grouped_linear(x, weight.dequantize(x.dtype), offsets)
+            if kernel == "scaled_grouped_mm":
+                column_scale = weight.scale.float().squeeze(-1)
+                return torch._scaled_grouped_mm(
+                    rows, weight.qweight.mT, row_scale.squeeze(-1), column_scale, offs=offsets, out_dtype=x.dtype
+                )
+            return moe_triton.grouped_gemm(
+                rows, offsets, weights, weight.qweight, self.path.launch, weight.scale, row_scale=row_scale,
+                out_dtype=x.dtype,
+            )  # fmt: skip
+        return moe_triton.grouped_gemm(
+            x, offsets, weights, weight.qweight, self.path.launch, weight.scale, getattr(weight, "scale_2", None),
+            weight.divisor,
+        )  # fmt: skip
 
     def _expert_linear(self, x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-        """[E, T, out]: expert e on x [T, in] (every expert, the same rows) or on x[e] for x [E, T, in]; one GEMM per
-        expert, so at most one expert's weight is ever dequantised."""
-        w8a8 = experts_path(x.device, self.scheme) == "scaled_mm_per_expert"
-        outputs = []
-        for e in range(self.num_experts):
-            rows = x if x.dim() == 2 else x[e]
-            if w8a8:
-                outputs.append(fp8_linear(rows, weight.qweight[e], weight.scale[e]))
-            else:
-                outputs.append(F.linear(rows, weight.dequantize(x.dtype, e)))
-        return torch.stack(outputs)
+        """The every-expert path (a CPU without grouped_mm): all experts dequantised at once, exactly."""
+        return super()._expert_linear(x, weight.dequantize(x.dtype))
 
 
 def apply_plan(model: nn.Module, plan: QuantPlan, prefix: str) -> None:

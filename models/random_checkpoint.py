@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from models.config import GenerationDefaults, ModelConfig, generation_defaults_from_dict, model_config_from_dict
 from models.diffusion_gemma import DiffusionGemma
-from models.loader import param_to_checkpoint_key
+from models.loader import DECODER_PREFIX, choose_kernels, param_to_checkpoint_key
+from models.quant import QuantizedWeight, apply_plan, load_time_plan
 from models.tokenizer_files import write_tokenizer
 
 S, F = "sliding_attention", "full_attention"
@@ -175,23 +176,34 @@ def _layer_scalar(key: str) -> torch.Tensor:
 
 
 def random_model(
-    size: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0
+    size: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0, quantization: str | None = None
 ) -> tuple[DiffusionGemma, ModelConfig, GenerationDefaults]:
     """A model of this size with random weights made on the device itself (what load_model returns), initialised as
-    the checkpoints are but from the device's generator: no file, no host copy of the weights."""
+    the checkpoints are but from the device's generator: no file, no host copy of the weights. `quantization` ("fp8",
+    "nvfp4") quantizes what dgserve quantizes at load, one expert at a time, so the bf16 model never exists whole."""
     config = model_config_from_dict(config_json(size))
     with torch.device("meta"):
         model = DiffusionGemma(config, expert_row_alignment=4).to(dtype)
+        if quantization is not None:
+            apply_plan(model, load_time_plan(quantization), DECODER_PREFIX)
     model.to_empty(device=device)
     model.init_constants()
     gen = torch.Generator(device).manual_seed(seed)
+    quantized = {f"{name}.": module for name, module in model.named_modules() if isinstance(module, QuantizedWeight)}
     with torch.no_grad():
+        for module in quantized.values():
+            for index in range(module.shape[0]) if len(module.shape) == 3 else [slice(None)]:
+                weight = torch.empty(module.shape[-2:], device=device, dtype=dtype).normal_(generator=gen)
+                module.quantize_from(weight.mul_(0.02), index)
         for name, tensor in model.state_dict().items():
             key = param_to_checkpoint_key(name)
+            if name.startswith(tuple(quantized)):
+                continue
             if key.endswith("layer_scalar"):
                 tensor.copy_(_layer_scalar(key))
             else:
                 tensor.normal_(generator=gen).mul_(0.1 if _is_scale(key) else 0.02).add_(1.0 if _is_scale(key) else 0)
+    choose_kernels(model, torch.device(device), dtype)
     return model.eval(), config, generation_defaults_from_dict(generation_config_json(size))
 
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# Triton's kernels (models/moe_triton.py) run on CPU tensors through its interpreter. Triton reads the flag when
+# triton.language is imported (its standard library is @triton.jit code), so it is set before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.step_ops import count_step, denoising_engine
+from benchmarks.step_ops import count_formats, count_step, denoising_engine
 from engine.model_runner import bucket_size
 from models.random_checkpoint import write_random_checkpoint
 
@@ -27,3 +27,31 @@ def test_a_denoising_step_has_no_syncs_and_no_per_row_work(structure_checkpoint)
 @pytest.mark.parametrize("rows, bucket", [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8), (9, 12)])
 def test_steps_run_over_power_of_two_buckets_of_slots(rows, bucket):
     assert bucket_size(rows, 12) == bucket
+
+
+# (format, device class) -> the bf16 step it is held against: the same class, or one that runs the same bf16 kernel.
+FORMAT_CLASSES = {
+    (None, "sm86"): None, (None, "sm90"): None,
+    ("fp8", "sm86"): "sm86", ("fp8", "sm89"): "sm86", ("fp8", "sm90"): "sm90",
+    ("nvfp4", "sm120"): "sm86", ("nvfp4", "sm90"): "sm90",
+}  # fmt: skip
+
+
+def test_every_format_runs_one_grouped_gemm_per_projection_on_every_device_class(structure_checkpoint):
+    """The kernels each GPU class would run (GPU-only GEMMs answered with zeros: benchmarks/step_ops.py): no loop over
+    experts, ops within 1.3x of bf16's, nothing that syncs."""
+    results = {}
+    for scheme in (None, "fp8", "nvfp4"):
+        classes = [c for s, c in FORMAT_CLASSES if s == scheme]
+        results.update(count_formats(structure_checkpoint, [scheme], classes, [1]))
+    layers = 30
+    for (scheme, device_class), dense_class in FORMAT_CLASSES.items():
+        counter, path = results[scheme, device_class, 1]
+        assert counter.syncing() == {}, (scheme, device_class)
+        gemms = counter.ops["dgserve::triton_grouped_gemm"] + counter.ops["dgserve::grouped_mm"]
+        gemms += counter.ops["aten::_scaled_grouped_mm"]
+        assert gemms == 2 * layers, (scheme, device_class, path)  # gate_up and down, once per layer
+        assert max(counter.ops.values()) < 64 * layers, counter.ops.most_common(3)  # nothing per expert (128/layer)
+        if dense_class is not None:
+            ops, dense = sum(counter.ops.values()), sum(results[None, dense_class, 1][0].ops.values())
+            assert ops <= 1.3 * dense, f"{scheme} on {device_class}: {ops} ops against bf16's {dense} ({path})"

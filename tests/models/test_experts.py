@@ -13,15 +13,20 @@ from transformers import DiffusionGemmaTextConfig
 from transformers.integrations.moe import grouped_mm_experts_forward
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
 
-import models.diffusion_gemma as dg
 from models.diffusion_gemma import Experts
+from models.gemm_path import ExpertPath
 
 NUM_EXPERTS, TOP_K, HIDDEN, WIDTH = 128, 8, 64, 32
+EVERY_EXPERT = ExpertPath("every_expert", "dense")
 
 
-def make_experts(row_alignment: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Experts:
+def make_experts(
+    row_alignment: int, dtype: torch.dtype = torch.float32, seed: int = 0, path: ExpertPath | None = None
+) -> Experts:
     config = SimpleNamespace(num_experts=NUM_EXPERTS, moe_intermediate_size=WIDTH, hidden_size=HIDDEN)
     experts = Experts(config, row_alignment)
+    if path is not None:
+        experts.set_path(path)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         experts.gate_up_proj.copy_(torch.randn(experts.gate_up_proj.shape, generator=gen) * HIDDEN**-0.5)
@@ -41,35 +46,7 @@ def run(experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Ten
         return experts(x, weights, ids)
 
 
-@pytest.fixture
-def fallback(monkeypatch):
-    """Forces the path that GPUs without a fast grouped_mm take."""
-    monkeypatch.setattr(dg, "_grouped_mm_ok", lambda device, dtype: False)
-
-
-@pytest.mark.parametrize(
-    ("capability", "fast"),
-    [((8, 0), False), ((8, 6), False), ((8, 9), False), ((9, 0), True), ((10, 0), True), ((10, 3), True),
-     ((11, 0), False), ((12, 0), False), ((12, 1), False)],
-)  # fmt: skip
-def test_grouped_mm_only_on_gpus_with_its_fast_kernel(monkeypatch, capability, fast):
-    """A100, RTX 30xx/40xx, Thor, RTX 50xx and GB10 would run torch's per-expert loop with a host sync."""
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.version, "hip", None)
-    cuda = torch.device("cuda", 0)
-    assert dg._grouped_mm_ok(cuda, torch.bfloat16) is fast
-    assert dg._grouped_mm_ok(cuda, torch.float32) is False  # the fast kernel is bf16 only
-    assert dg._grouped_mm_ok(cuda, torch.float16) is False
-
-
-def test_grouped_mm_choice_off_cuda(monkeypatch):
-    assert dg._grouped_mm_ok(torch.device("cpu"), torch.float32)  # the reference's kernel: needed for bit parity
-    assert dg._grouped_mm_ok(torch.device("cpu"), torch.bfloat16)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))  # MI300 reports 9.4
-    monkeypatch.setattr(torch.version, "hip", "6.4")
-    assert not dg._grouped_mm_ok(torch.device("cuda", 0), torch.bfloat16)
-    monkeypatch.delattr(torch.nn.functional, "grouped_mm")
-    assert not dg._grouped_mm_ok(torch.device("cpu"), torch.float32)
+EVERY_EXPERT = ExpertPath("every_expert", "dense")
 
 
 ROUTINGS = {
@@ -88,7 +65,7 @@ def test_fallback_equals_grouped_mm_in_fp32(monkeypatch, routing, align):
     experts = make_experts(align)
     x = torch.randn(ids.shape[0], HIDDEN, generator=torch.Generator().manual_seed(4))
     grouped = run(experts, x, weights, ids)
-    monkeypatch.setattr(dg, "_grouped_mm_ok", lambda device, dtype: False)
+    experts.set_path(EVERY_EXPERT)
     torch.testing.assert_close(run(experts, x, weights, ids), grouped, rtol=1e-6, atol=1e-6)
 
 
@@ -158,19 +135,17 @@ def test_grouped_path_has_no_syncing_or_data_sized_ops(align):
 
 
 @pytest.mark.parametrize("align", [1, 4])
-def test_fallback_has_no_syncing_or_data_sized_ops(fallback, align):
-    recorder = recorded_ops(make_experts(align), 256)
+def test_fallback_has_no_syncing_or_data_sized_ops(align):
+    recorder = recorded_ops(make_experts(align, path=EVERY_EXPERT), 256)
     assert "dgserve::grouped_mm" not in recorder.ops and "aten::bmm" in recorder.ops
     assert_no_sync(recorder)
 
 
-@pytest.mark.parametrize("path", ["grouped_mm", "fallback"])
-def test_compiles_fullgraph(request, path):
+@pytest.mark.parametrize("path", [ExpertPath("grouped_mm", "dense"), EVERY_EXPERT], ids=str)
+def test_compiles_fullgraph(path):
     """Inductor on CPU, fullgraph=True: a graph break (item, tolist, data-sized shapes) raises."""
-    if path == "fallback":
-        request.getfixturevalue("fallback")
     torch._dynamo.reset()
-    experts = make_experts(4)
+    experts = make_experts(4, path=path)
     weights, ids = top_k_routing(64, seed=10)
     x = torch.randn(64, HIDDEN)
     compiled = torch.compile(experts, fullgraph=True, dynamic=False)

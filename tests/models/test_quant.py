@@ -22,6 +22,7 @@ from engine.engine import Engine
 from engine.request import SamplingParams
 from models.config import ConfigError, model_config_from_dict
 from models.diffusion_gemma import Experts
+from models.gemm_path import expert_path
 from models.loader import CheckpointError, load_model
 from models.quantized_checkpoint import FORMATS, write_quantized_checkpoint
 from models.random_checkpoint import config_json
@@ -120,15 +121,21 @@ def test_compressed_tensors_dequantises_as_we_do(pair):
         assert torch.equal(_oracle(fmt, config, module, tensors).to(torch.bfloat16), dense[module + ".weight"])
 
 
-def test_reference_mode_tokens_equal_the_twins(pair):
+def reference_mode_tokens(checkpoint: Path, device_class: str | None = None, **params) -> list[int]:
+    engine = Engine(EngineConfig(str(checkpoint), kv_budget_bytes=64 * MiB, reference_mode=True, max_num_seqs=1,
+                                 device_class=device_class))  # fmt: skip
+    sampling = SamplingParams(max_tokens=64, seed=1, **params)
+    return output_tokens(engine.generate({"r": ([2, 105, 9, 44, 301, 17], sampling)})["r"])
+
+
+# None: the CPU's exact path; sm86: the Triton grouped GEMM (weight-only fp8, nvfp4) through Triton's interpreter.
+@pytest.mark.parametrize("device_class", [None, "sm86"])
+def test_reference_mode_tokens_equal_the_twins(pair, device_class):
     _, checkpoint, twin = pair
-    tokens = []
-    for path in (checkpoint, twin):
-        engine = Engine(EngineConfig(str(path), kv_budget_bytes=64 * MiB, reference_mode=True, max_num_seqs=1))
-        events = engine.generate({"r": ([2, 105, 9, 44, 301, 17], SamplingParams(max_tokens=64, seed=1))})["r"]
-        tokens.append(output_tokens(events))
-    assert len(tokens[0]) == 64
-    assert_same_tokens(tokens[0], tokens[1], "quantized vs dequantised twin")
+    steps = {"max_denoising_steps": 2} if device_class else {}  # the interpreter is slow
+    tokens = reference_mode_tokens(checkpoint, device_class, **steps)
+    assert len(tokens) == 64
+    assert_same_tokens(tokens, reference_mode_tokens(twin, **steps), f"quantized ({device_class}) vs dequantised twin")
 
 
 def test_the_real_structure_loads_in_each_format(tmp_path):
@@ -139,6 +146,13 @@ def test_the_real_structure_loads_in_each_format(tmp_path):
         dense, _, _ = load_model(tmp_path / f"{fmt}-twin", torch.bfloat16, progress=False)
         case = make_case([9], 0, 8, seed=2)
         assert torch.equal(our_logits(ours, config, case, None), our_logits(dense, config, case, None)), fmt
+        if fmt == "nvfp4-modelopt":  # and through the Triton kernel (its interpreter) as an RTX 30xx runs it, in fp32
+            triton, _, _ = load_model(checkpoint, torch.float32, progress=False, device_class="sm86")
+            dense, _, _ = load_model(tmp_path / f"{fmt}-twin", torch.float32, progress=False)
+            assert triton.layers[0].experts.path.kernel == "triton"
+            logits, expected = our_logits(triton, config, case, None), our_logits(dense, config, case, None)
+            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+            assert torch.equal(logits.argmax(-1), expected.argmax(-1))
         shutil.rmtree(tmp_path / fmt), shutil.rmtree(tmp_path / f"{fmt}-twin")
 
 
@@ -241,67 +255,20 @@ def test_quantization_of_a_quantized_checkpoint_is_refused(pair):
 
 # ---- compute paths ------------------------------------------------------------------------------------------------
 
-# (capability) -> (fp8 linear, fp8 experts, nvfp4 experts)
-PATHS = {
-    (8, 0): ("dequantize", "dequantize_per_expert", "dequantize_per_expert"),  # A100
-    (8, 6): ("dequantize", "dequantize_per_expert", "dequantize_per_expert"),  # RTX 30xx
-    (8, 9): ("w8a8", "scaled_mm_per_expert", "dequantize_per_expert"),  # RTX 40xx, L40S
-    (9, 0): ("w8a8", "scaled_grouped_mm", "dequantize_per_expert"),  # H100, H200
-    (10, 0): ("w8a8", "scaled_grouped_mm", "dequantize_per_expert"),  # B200
-    (12, 0): ("w8a8", "scaled_mm_per_expert", "dequantize_per_expert"),  # RTX 50xx
-    (12, 1): ("w8a8", "scaled_mm_per_expert", "dequantize_per_expert"),  # GB10 (DGX Spark)
-}
 
-
-@pytest.mark.parametrize("capability", PATHS, ids=[f"sm{a}{b}" for a, b in PATHS])
-def test_each_gpu_gets_its_gemms(monkeypatch, capability):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.version, "hip", None)
-    cuda = torch.device("cuda", 0)
-    fp8_linear, fp8_experts, nvfp4_experts = PATHS[capability]
-    assert quant.linear_path(cuda, "fp8") == fp8_linear
-    assert quant.linear_path(cuda, "nvfp4") == "dequantize"
-    assert quant.experts_path(cuda, "fp8") == fp8_experts
-    assert quant.experts_path(cuda, "nvfp4") == nvfp4_experts
-    assert (
-        quant.linear_path(torch.device("cpu"), "fp8") == quant.experts_path(torch.device("cpu"), "fp8") == "dequantize"
-    )
-    monkeypatch.setattr(torch.version, "hip", "6.4")
-    assert quant.experts_path(cuda, "fp8") == "dequantize_per_expert"
-
-
-@pytest.mark.parametrize("path", ["scaled_mm_per_expert", "dequantize_per_expert"])
-def test_gpu_paths_compute_what_the_exact_path_does(monkeypatch, tmp_path, path):
-    """The GPU paths run on CPU too (torch._scaled_mm has a CPU kernel): W8A8 within fp8's activation rounding of
-    the exact weight-only result, weight-only one expert at a time equal to it up to summation order."""
+def test_the_w8a8_linear_computes_what_the_exact_path_does(tmp_path):
+    """torch._scaled_mm has a CPU kernel: the sm89+ linear within fp8's activation rounding of the exact one."""
     model, _, _ = load_model(write_quantized_checkpoint(tmp_path / "fp8", "fp8", "tiny"), torch.float32, progress=False)
-    experts, linear = model.layers[1].experts, model.layers[1].self_attn.q_proj
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 64, generator=gen)
-    weights, ids = (
-        torch.rand(40, 2, generator=gen),
-        torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(40)]),
-    )
-    exact_experts, exact_linear = experts(x, weights, ids), linear(x)
-    monkeypatch.setattr(quant, "experts_path", lambda device, scheme: path)
-    monkeypatch.setattr(quant, "linear_path", lambda device, scheme: "w8a8")
-    other = experts(x, weights, ids)
-    tolerance = 0.05 if path == "scaled_mm_per_expert" else 1e-6
-    assert (other - exact_experts).norm() / exact_experts.norm() < tolerance
-    assert 0 < (linear(x) - exact_linear).norm() / exact_linear.norm() < 0.05
+    linear = model.layers[1].self_attn.q_proj
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    exact = linear(x)
+    linear.path = "w8a8"
+    assert 0 < (linear(x) - exact).norm() / exact.norm() < 0.05
 
 
-@pytest.mark.parametrize("path", ["dequantize", "scaled_mm_per_expert", "dequantize_per_expert"])
-def test_quantized_experts_stay_sync_free(monkeypatch, pair, path):
-    """No op that waits on the device or sizes its output from data, on every path (CUDA graphs, fullgraph)."""
-    fmt, checkpoint, _ = pair
-    if path == "scaled_mm_per_expert" and fmt != "fp8":
-        pytest.skip("an fp8 path")
-    model, _, _ = load_model(checkpoint, torch.float32, progress=False, expert_row_alignment=4)
-    monkeypatch.setattr(quant, "experts_path", lambda device, scheme: path)
-    monkeypatch.setattr(
-        quant, "linear_path", lambda device, scheme: "w8a8" if path == "scaled_mm_per_expert" else "dequantize"
-    )
+def test_quantized_experts_stay_sync_free(pair):
+    """No op that waits on the device or sizes its output from data (CUDA graphs, fullgraph)."""
+    model, _, _ = load_model(pair[1], torch.float32, progress=False, expert_row_alignment=4)
     x = torch.randn(24, 64)
     weights, ids = torch.rand(24, 2), torch.randint(0, 8, (24, 2))
     with OpCounter() as counter:
@@ -316,7 +283,7 @@ def test_a_quantized_denoising_step_is_sync_free(pair):
     assert counter.syncing() == {} and sum(counter.ops.values()) > 0
 
 
-def test_the_fp8_grouped_gemm_call_fits_its_kernel_on_the_real_shapes(monkeypatch):
+def test_the_fp8_grouped_gemm_call_fits_its_kernel_on_the_real_shapes():
     """torch._scaled_grouped_mm has no CPU kernel; its meta kernel checks dtypes, layouts and shapes as CUDA's does."""
     cfg = config_json("structure")
     cfg["text_config"].update(hidden_size=2816, intermediate_size=2112, moe_intermediate_size=704)
@@ -325,6 +292,6 @@ def test_the_fp8_grouped_gemm_call_fits_its_kernel_on_the_real_shapes(monkeypatc
         experts = quant.QuantExperts(Experts(config, 4), quant.load_time_plan("fp8"))
         x, weights = torch.randn(256, 2816, dtype=torch.bfloat16), torch.rand(256, 8)
         ids = torch.randint(0, 128, (256, 8))
-    monkeypatch.setattr(quant, "experts_path", lambda device, scheme: "scaled_grouped_mm")
+    experts.set_path(expert_path(torch.device("meta"), torch.bfloat16, "fp8", "sm90"))
     out = experts(x, weights, ids)
     assert out.shape == (256, 2816) and out.dtype == torch.bfloat16
