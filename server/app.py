@@ -317,6 +317,6 @@ def create_app(
         return tokenizer.info() | {"max_model_len": max_model_len}
 
     if config.playground:
-        add_playground(app)
+        add_playground(app, config.api_key is not None)
     app.add_middleware(RequestGuard, config=config, metrics=metrics)
     return app
