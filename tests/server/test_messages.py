@@ -128,11 +128,27 @@ BAD = [
     ("messages.0.role", {"messages": [{"role": "system", "content": "x"}]}),
     ("tools", {"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
     ("tools.0.input_schema", {"tools": [{"name": "f", "input_schema": {"type": "object", "properties": {"x": 1}}}]}),
+    (
+        "tools.0.input_schema",
+        {
+            "tools": [
+                {
+                    "name": "f",
+                    "input_schema": {"type": "object", "properties": {"x": {"type": "string", "pattern": "(x*)*"}}},
+                }
+            ],
+            "tool_choice": {"type": "any"},
+        },
+    ),  # a schema bomb
     ("tool_choice", {"tools": [TIME], "tool_choice": {"type": "tool", "name": "nope"}}),
     ("tool_choice", {"tool_choice": {"type": "any"}}),
     ("top_k", {"top_k": 5}),
     ("thinking", {"thinking": {"type": "sometimes"}}),
     ("temperature", {"temperature": 1.5}),
+    ("temperature", {"temperature": "0.5"}),
+    ("messages", {"max_tokens": 2**63}),  # does not fit the context: context_length_exceeded names the prompt
+    ("stop_sequences", {"stop_sequences": ["x"] * 10_000}),
+    ("messages.0.content", {"messages": [{"role": "user", "content": "\ud800"}]}),
 ]
 
 
@@ -140,7 +156,8 @@ BAD = [
 def test_bad_input_is_an_anthropic_400_naming_the_parameter(server, param, change):
     body = {"model": "tiny", "max_tokens": 4, "messages": HI, **change}
     with server.http() as http:
-        response = http.post("/v1/messages", json={k: v for k, v in body.items() if v is not None})
+        data = json.dumps({k: v for k, v in body.items() if v is not None})  # ASCII: lone surrogates as escapes
+        response = http.post("/v1/messages", content=data, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     error = response.json()
     assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"

@@ -130,10 +130,14 @@ def test_a_function_call_output_turn_and_previous_response_id(client):
     assert error.value.body["param"] == "previous_response_id"
 
 
-def test_store_false_is_not_retrievable(client):
+def test_store_false_is_not_retrievable_and_metrics_name_the_routes(client, server):
     reply = client.responses.create(model="tiny", input="Hi", store=False, max_output_tokens=4, extra_body=FAST)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(reply.id)
+    with server.http() as http:
+        metrics = http.get("/metrics").text
+    assert 'endpoint="/v1/responses",status="200"' in metrics
+    assert 'endpoint="/v1/responses/{id}",status="404"' in metrics
 
 
 BOMB = {"type": "object", "properties": {"x": {"type": "string", "pattern": "(x*)*"}}}
@@ -155,13 +159,17 @@ BAD = [
     ("input[0].call_id", {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}),
     ("include", {"include": ["message.output_text.logprobs"]}),
     ("previous_response_id", {"previous_response_id": "resp_nope"}),
+    ("input", {"max_output_tokens": 2**63}),  # does not fit the context: context_length_exceeded names the prompt
+    ("temperature", {"temperature": "0.5"}),
+    ("input", {"input": "\ud800"}),
 ]
 
 
 @pytest.mark.parametrize(("param", "change"), BAD, ids=[f"{i}-{p}" for i, (p, _) in enumerate(BAD)])
 def test_bad_input_is_a_400_naming_the_parameter(server, param, change):
     with server.http() as http:
-        response = http.post("/v1/responses", json={"model": "tiny", "input": "hi", **change})
+        data = json.dumps({"model": "tiny", "input": "hi", **change})  # ASCII: lone surrogates as escapes
+        response = http.post("/v1/responses", content=data, headers={"content-type": "application/json"})
     assert response.status_code == (404 if param == "previous_response_id" else 400), response.text
     assert response.json()["error"]["param"] == param
 
