@@ -31,11 +31,13 @@ from engine.request import (
     Failed,
     Finished,
     InvalidRequestError,
+    Logprob,
     QueueFullError,
     SamplingParams,
 )
 from server.drafts import TokenDrafts
 from server.errors import OpenAIError, error_body
+from server.logprobs import TokenPieces, chat_content, completion_logprobs
 from server.metrics import Metrics
 from server.protocol import (
     ChatCompletionRequest,
@@ -68,19 +70,34 @@ class Choice:
     completion_tokens: int = 0
     finish_reason: str | None = None
     started: bool = False  # the role chunk went out (chat streaming)
+    logprobs: list[Logprob] = field(default_factory=list)  # every entry so far (params.logprobs set)
+    unsent: list[Logprob] = field(default_factory=list)  # entries no chunk has carried yet (streaming)
+    text_offset: int = 0  # characters the streamed entries' tokens spell (completions' text_offset)
+
+    def take_unsent(self) -> list[Logprob]:
+        entries, self.unsent = self.unsent, []
+        return entries
 
 
 class CompletionFormat:
-    """How /v1/completions writes a choice: text."""
+    """How /v1/completions writes a choice: text, and the legacy logprobs object."""
 
     object, chunk_object = "text_completion", "text_completion"
     opens_with_role = False  # no first chunk before any text
 
+    def __init__(self, pieces: TokenPieces) -> None:
+        self.pieces = pieces
+
     def choice(self, c: Choice) -> dict[str, Any]:
-        return {"index": c.index, "text": "".join(c.content), "logprobs": None, "finish_reason": c.finish_reason}
+        logprobs = completion_logprobs(self.pieces, c.logprobs, 0) if c.params.logprobs is not None else None
+        return {"index": c.index, "text": "".join(c.content), "logprobs": logprobs, "finish_reason": c.finish_reason}
 
     def chunk_choice(self, c: Choice, content: str, reasoning: str, finish: str | None, calls: int) -> dict[str, Any]:
-        return {"index": c.index, "text": content, "logprobs": None, "finish_reason": finish}
+        logprobs = None
+        if c.params.logprobs is not None:
+            logprobs = completion_logprobs(self.pieces, c.take_unsent(), c.text_offset)
+            c.text_offset += sum(map(len, logprobs["tokens"]))
+        return {"index": c.index, "text": content, "logprobs": logprobs, "finish_reason": finish}
 
 
 class ChatFormat:
@@ -90,6 +107,14 @@ class ChatFormat:
     object, chunk_object = "chat.completion", "chat.completion.chunk"
     opens_with_role = True
 
+    def __init__(self, pieces: TokenPieces) -> None:
+        self.pieces = pieces
+
+    def _logprobs(self, c: Choice, entries: list[Logprob]) -> dict[str, Any] | None:
+        if c.params.logprobs is None:
+            return None
+        return {"content": chat_content(self.pieces, entries), "refusal": None}
+
     def choice(self, c: Choice) -> dict[str, Any]:
         content = "".join(c.content)
         message: dict[str, Any] = {"role": "assistant", "content": content or None if c.tool_calls else content,
@@ -98,7 +123,8 @@ class ChatFormat:
             message["reasoning_content"] = reasoning
         if c.tool_calls:
             message["tool_calls"] = [call.openai() for call in c.tool_calls]
-        return {"index": c.index, "message": message, "logprobs": None, "finish_reason": c.finish_reason}
+        return {"index": c.index, "message": message, "logprobs": self._logprobs(c, c.logprobs),
+                "finish_reason": c.finish_reason}  # fmt: skip
 
     def chunk_choice(self, c: Choice, content: str, reasoning: str, finish: str | None, calls: int) -> dict[str, Any]:
         """`calls`: how many of the choice's latest tool calls this chunk carries."""
@@ -113,7 +139,12 @@ class ChatFormat:
         if calls:
             first = len(c.tool_calls) - calls
             delta["tool_calls"] = [call.openai(first + i) for i, call in enumerate(c.tool_calls[first:])]
-        return {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {
+            "index": c.index,
+            "delta": delta,
+            "logprobs": self._logprobs(c, c.take_unsent()),
+            "finish_reason": finish,
+        }
 
 
 @dataclass(slots=True)
@@ -151,6 +182,7 @@ class Serving:
         self.max_model_len, self.vocab_size = engine.info.max_model_len, engine.info.vocab_size
         self.canvas_length = engine.info.canvas_length
         self._pieces: dict[int, str] = {}  # token id -> its text, for token drafts
+        self.token_pieces = TokenPieces(tokenizer)  # token id -> its text and bytes, for logprobs
 
     # --- request -> job ---------------------------------------------------------------------------------------------
 
@@ -231,6 +263,7 @@ class Serving:
             seed=None if body.seed is None else (body.seed + sample) % 2**63,  # n samples must differ
             stream_drafts=bool(d and d.stream_drafts),
             stream_prefix=self.stream_prefix if d is None or d.stream_prefix is None else d.stream_prefix,
+            logprobs=body.num_logprobs,
             **settle,
         )
 
@@ -257,7 +290,7 @@ class Serving:
         if body.suffix:
             canvas, max_tokens = self._infill(body.suffix, max_tokens)
         choices = self._choices(body, prompts, max_tokens, "prompt", False, grammar, canvas=canvas)
-        return Job(request_id, CompletionFormat(), body, choices, time.monotonic())
+        return Job(request_id, CompletionFormat(self.token_pieces), body, choices, time.monotonic())
 
     def chat_job(self, body: ChatCompletionRequest, request_id: str) -> Job:
         """Runs in a worker thread: grammars compile here, never on the event loop."""
@@ -278,7 +311,7 @@ class Serving:
         except ValueError as exc:
             raise OpenAIError(400, f"cannot apply the chat template: {exc}", "invalid_messages", "messages") from None
         choices = self._choices(body, [ids], body.requested_max_tokens, "messages", True, grammar, bool(offered))
-        return Job(request_id, ChatFormat(), body, choices, time.monotonic())
+        return Job(request_id, ChatFormat(self.token_pieces), body, choices, time.monotonic())
 
     # --- admission ----------------------------------------------------------------------------------------------------
 
@@ -338,6 +371,9 @@ class Serving:
                     self.metrics.time_to_first_block.observe(event.time - job.arrival)
                 self.metrics.steps_per_canvas.observe(event.num_denoise_steps)
             choice.completion_tokens += len(event.token_ids)
+            if event.logprobs is not None:
+                choice.logprobs.extend(event.logprobs)
+                choice.unsent.extend(event.logprobs)
             delta = choice.text.push(event.token_ids)
             if delta.stopped:
                 choice.finish_reason = "stop"
@@ -434,7 +470,13 @@ class Serving:
                 calls = len(choice.tool_calls) - calls_before
                 finish = choice.finish_reason if (isinstance(event, Finished) or choice.finish_reason) else None
                 usage = job.usage() if continuous else None
-                if content or reasoning or calls or (job.format.opens_with_role and not choice.started):
+                if (
+                    content
+                    or reasoning
+                    or calls
+                    or choice.unsent
+                    or (job.format.opens_with_role and not choice.started)
+                ):
                     chunk = job.format.chunk_choice(choice, content, reasoning, None, calls)
                     yield {"data": self._chunk(job, [chunk], usage)}
                 if finish is not None:
