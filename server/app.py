@@ -22,12 +22,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine
 from engine.request import EngineDeadError, SamplingParams
-from server.errors import OpenAIError, error_body, install_error_handlers
+from server.chat import chat_job
+from server.completions import completion_job
+from server.errors import ANTHROPIC_PREFIX, OpenAIError, anthropic_body, error_body, install_error_handlers
 from server.lifecycle import ServerState
+from server.messages import CountTokensRequest, MessagesRequest, messages_job, prompt
 from server.metrics import Metrics
 from server.playground import PLAYGROUND_PATHS, add_playground
 from server.protocol import ChatCompletionRequest, CompletionRequest, Int, OpenAIModel
-from server.serving import Serving
+from server.responses import ResponsesRequest, ResponseStore, responses_job
+from server.serving import Job, Serving
 from server.structured import Grammars
 from server.text import Tokenizer
 
@@ -35,8 +39,9 @@ logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 OPEN_PATHS = {"/health", "/ready", "/metrics"}  # everything else needs the key when one is set (fail closed)
-KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/ready", "/metrics", "/version",
-               "/tokenize", "/detokenize", "/tokenizer_info"}  # fmt: skip
+KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages",
+               "/v1/messages/count_tokens", "/health", "/ready", "/metrics", "/version", "/tokenize", "/detokenize",
+               "/tokenizer_info"}  # fmt: skip
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -92,7 +97,11 @@ class RequestGuard:
         endpoint = (
             path
             if path in KNOWN_PATHS or path in PLAYGROUND_PATHS
-            else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+            else "/v1/models/{id}"
+            if path.startswith("/v1/models/")
+            else "/v1/responses/{id}"
+            if path.startswith("/v1/responses/")
+            else "other"
         )
         status = {"code": 500, "started": False}
 
@@ -103,7 +112,8 @@ class RequestGuard:
             await send(message)
 
         async def reply(error: OpenAIError) -> None:
-            body = json.dumps(error.body()).encode()
+            anthropic = path.startswith(ANTHROPIC_PREFIX)
+            body = json.dumps(anthropic_body(error.status, error.message) if anthropic else error.body()).encode()
             extra = [(b"www-authenticate", b"Bearer")] if error.status == 401 else []
             await send_with_id({"type": "http.response.start", "status": error.status,
                                 "headers": [(b"content-type", b"application/json"), *extra]})  # fmt: skip
@@ -129,8 +139,11 @@ class RequestGuard:
             self.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
 
     def _authorized(self, headers: dict[str, str]) -> bool:
+        """`Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`."""
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._key)
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._key):
+            return True
+        return "x-api-key" in headers and hmac.compare_digest(headers["x-api-key"].strip().encode(), self._key)
 
     def _too_large(self) -> OpenAIError:
         return OpenAIError(413, f"request body larger than {self.config.max_body_bytes} bytes", "content_too_large")
@@ -171,6 +184,7 @@ def create_app(
     serving = Serving(
         engine, tokenizer, grammars, metrics, config.model_name, config.default_max_tokens, config.stream_prefix
     )
+    store = ResponseStore()
     max_model_len = engine.info.max_model_len
 
     @asynccontextmanager
@@ -211,20 +225,49 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         # Tokenizing a long prompt takes a while: off the event loop, so health checks and streams keep flowing.
-        job = await asyncio.to_thread(serving.completion_job, body, f"cmpl-{request.state.request_id}")
+        job = await asyncio.to_thread(completion_job, serving, body, f"cmpl-{request.state.request_id}")
         return await run(job, request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        job = await asyncio.to_thread(serving.chat_job, body, f"chatcmpl-{request.state.request_id}")
+        job = await asyncio.to_thread(chat_job, serving, body, f"chatcmpl-{request.state.request_id}")
         return await run(job, request)
 
-    async def run(job, request: Request) -> Response:
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        job = await asyncio.to_thread(responses_job, serving, store, body)
+        return await run(job, request)
+
+    def stored(response_id: str) -> Any:
+        if (item := store.get(response_id)) is None:
+            raise OpenAIError(404, f"Response with id '{response_id}' not found.", "not_found", "response_id")
+        return item
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> dict[str, Any]:
+        return stored(response_id).body
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        stored(response_id)
+        store.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        job = await asyncio.to_thread(messages_job, serving, body)
+        return await run(job, request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
+        ids, _, _ = await asyncio.to_thread(prompt, serving, body)
+        return {"input_tokens": len(ids)}
+
+    async def run(job: Job, request: Request) -> Response:
         if not state.ready:
             message = "the server is shutting down" if state.draining else "the server is not ready"
             raise OpenAIError(503, message, "not_ready", retry_after=5)
-        streams = await serving.admit(job)  # before any 200: overload is a real status code
-        return serving.stream(job, streams) if job.body.stream else await serving.collect(job, streams, request)
+        return await serving.respond(job, request)
 
     @app.get("/health")
     async def health() -> Response:

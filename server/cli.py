@@ -8,6 +8,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from transformers import AutoTokenizer
@@ -171,22 +174,7 @@ def _serve(args: argparse.Namespace) -> None:
     name = args.served_model_name or ("dgserve-demo" if args.model in (None, DEMO) else args.model)
     metrics = Metrics(name)
     engine = AsyncEngine(
-        EngineConfig(
-            str(checkpoint),
-            device=args.device,
-            dtype=args.dtype,
-            quantization=args.quantization,
-            max_num_seqs=args.max_num_seqs,
-            max_model_len=args.max_model_len,
-            kv_budget_bytes=args.kv_budget_bytes,
-            kv_budget_fraction=args.kv_budget_fraction,
-            max_waiting=args.max_waiting,
-            prefill_chunk=args.prefill_chunk,
-            compile=args.compile,
-            cuda_graphs=args.cuda_graphs,
-            max_capture_len=args.max_capture_len,
-            fault_injection=os.environ.get("DGSERVE_TEST_FAULT"),
-        ),
+        EngineConfig(str(checkpoint), **_fills(args, "engine"), fault_injection=os.environ.get("DGSERVE_TEST_FAULT")),
         on_step=metrics.on_step,
     )
     budget = engine.info.kv_budget_bytes
@@ -198,8 +186,7 @@ def _serve(args: argparse.Namespace) -> None:
     )  # fmt: skip
     local = args.host in LOCAL_HOSTS
     allowed = frozenset({*LOCAL_HOSTS, *args.allowed_hosts}) if local and "*" not in args.allowed_hosts else None
-    config = ServerConfig(name, api_key=args.api_key, allowed_hosts=allowed, cors_origins=tuple(args.cors_origins),
-                          playground=args.playground, stream_prefix=args.stream_prefix)  # fmt: skip
+    config = ServerConfig(name, allowed_hosts=allowed, cors_origins=tuple(args.cors_origins), **_fills(args, "server"))
     state = ServerState()
     app = create_app(engine, Tokenizer(checkpoint), metrics, config, state)
     url = f"http://{args.host}:{args.port}"
@@ -211,160 +198,117 @@ def _serve(args: argparse.Namespace) -> None:
         "-d '{\"model\": \"%s\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'",
         url, url, auth, name,
     )  # fmt: skip
-    limits = ConnectionLimits(
-        header_timeout=args.header_timeout,
-        body_timeout=args.body_timeout,
-        body_min_rate=args.body_min_rate,
-        keep_alive_timeout=args.keep_alive_timeout,
-        send_timeout=args.send_timeout,
-        send_buffer=args.send_buffer,
-        max_connections=args.max_connections,
-        max_connections_per_client=args.max_connections_per_client,
-        max_body_bytes=config.max_body_bytes,
-    )
+    limits = ConnectionLimits(**_fills(args, "limits"), max_body_bytes=config.max_body_bytes)
     # ws="none": no WebSocket routes, and an upgrade would take the connection out of the guard's hands.
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5,
                                     http=ConnectionGuard(limits, metrics).protocol, ws="none")  # fmt: skip
     DrainingServer(uvicorn_config, state, engine, args.drain_timeout).run()
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"DGSERVE_{name}", default)
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """One `dgserve serve` option, declared once: `--NAME`, its DGSERVE_<NAME> variable (for containers), and the
+    config object whose field of the same name it fills."""
 
+    name: str  # the flag without its dashes; dest and variable follow from it
+    default: Any = None
+    type: Callable[[str], Any] = str
+    help: str | None = None
+    kind: Literal["value", "toggle", "off"] = "value"  # toggle: --NAME/--no-NAME; off: on unless --no-NAME
+    choices: tuple[str, ...] | None = None
+    fills: Literal["engine", "limits", "server"] | None = None  # EngineConfig, ConnectionLimits, ServerConfig
+    group: str | None = None
 
-def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
-    """Every option also reads DGSERVE_<NAME> from the environment (for containers)."""
-    serve.add_argument("--model", default=_env("MODEL", DEMO), help="checkpoint directory, hub id, demo, random-demo")
-    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(_env("PORT", "8000")))
-    serve.add_argument("--api-key", default=_env("API_KEY"), help="require 'Authorization: Bearer KEY'")
-    serve.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"), help="the model id clients use")
-    serve.add_argument("--dtype", default=_env("DTYPE"), choices=["bfloat16", "float32"])
-    serve.add_argument("--device", default=_env("DEVICE"))
-    serve.add_argument(
-        "--quantization",
-        default=_env("QUANTIZATION"),
-        choices=QUANTIZATION_CHOICES,
-        help="quantize a bf16 checkpoint at load (FP8 and NVFP4 checkpoints are detected from their config)",
-    )
-    serve.add_argument("--max-num-seqs", type=int, default=int(_env("MAX_NUM_SEQS", "8")))
-    serve.add_argument("--max-model-len", type=int, default=_int_or_none(_env("MAX_MODEL_LEN")))
-    serve.add_argument("--max-waiting", type=int, default=int(_env("MAX_WAITING", "256")))
-    serve.add_argument("--kv-budget-bytes", type=int, default=_int_or_none(_env("KV_BUDGET_BYTES")))
-    serve.add_argument("--kv-budget-fraction", type=float, default=float(_env("KV_BUDGET_FRACTION", "0.5")))
-    serve.add_argument(
-        "--prefill-chunk",
-        type=int,
-        default=int(_env("PREFILL_CHUNK", "2048")),
-        help="prompt tokens a sequence encodes per iteration (bounds a long prompt's memory)",
-    )
-    _add_off_switch(serve, "playground", "do not serve the web playground at /")
-    serve.add_argument(
-        "--stream-prefix",
-        action=argparse.BooleanOptionalAction,
-        default=bool(_bool_or_none(_env("STREAM_PREFIX"))),
-        help="stream each canvas's settled leading tokens before it commits, for requests that leave "
-        "diffusion.stream_prefix unset (default: off)",
-    )
-    serve.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=_bool_or_none(_env("COMPILE")),
-        help="torch.compile the denoising step at start (default: on CUDA only)",
-    )
-    _add_off_switch(serve, "cuda_graphs", "run the compiled step without capturing it as CUDA graphs")
-    serve.add_argument(
-        "--max-capture-len",
-        type=int,
-        default=int(_env("MAX_CAPTURE_LEN", "8192")),
-        help="CUDA graphs cover contexts up to this many tokens; longer ones run the compiled step uncaptured",
-    )
-    serve.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=float(_env("DRAIN_TIMEOUT", "30")),
-        help="on SIGTERM, seconds in-flight requests get to finish before they are failed",
-    )
-    group = serve.add_argument_group("connection limits (slow or stalled clients)")
-    group.add_argument(
-        "--header-timeout",
-        type=float,
-        default=float(_env("HEADER_TIMEOUT", "5")),
-        help="seconds for a request's headers to arrive, from its first byte (or the connection's opening)",
-    )
-    group.add_argument(
-        "--body-timeout",
-        type=float,
-        default=float(_env("BODY_TIMEOUT", "10")),
-        help="seconds for a request body to arrive, plus 1 s per --body-min-rate bytes it declares; then 408",
-    )
-    group.add_argument(
-        "--body-min-rate",
-        type=int,
-        default=int(_env("BODY_MIN_RATE", str(64 * 2**10))),
-        help="bytes per second a client may send its body as slowly as",
-    )
-    group.add_argument(
-        "--keep-alive-timeout",
-        type=float,
-        default=float(_env("KEEP_ALIVE_TIMEOUT", "5")),
-        help="seconds an idle keep-alive connection stays open",
-    )
-    group.add_argument(
-        "--send-timeout",
-        type=float,
-        default=float(_env("SEND_TIMEOUT", "30")),
-        help="seconds a client may leave the server's writes blocked (not reading a stream) before it is cut off",
-    )
-    group.add_argument(
-        "--send-buffer",
-        type=int,
-        default=int(_env("SEND_BUFFER", str(128 * 2**10))),
-        help="bytes a connection may have waiting to be sent (in the kernel, and again in the server) before its "
-        "writes block",
-    )
-    group.add_argument(
-        "--max-connections",
-        type=int,
-        default=int(_env("MAX_CONNECTIONS", "512")),
-        help="open connections at most; more are answered 503 with Retry-After at once",
-    )
-    group.add_argument(
-        "--max-connections-per-client",
-        type=int,
-        default=int(_env("MAX_CONNECTIONS_PER_CLIENT", "128")),
-        help="open connections per client IP address at most (0: no such cap, e.g. behind a proxy)",
-    )
-    serve.add_argument(
-        "--allowed-hosts",
-        type=_names,
-        default=_names(_env("ALLOWED_HOSTS", "")),
-        help="extra Host names accepted when bound to loopback (comma-separated; '*' = any)",
-    )
-    serve.add_argument(
-        "--cors-origins",
-        type=_names,
-        default=_names(_env("CORS_ORIGINS", "")),
-        help="origins allowed by CORS (comma-separated); CORS is off without them",
-    )
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
 
+    @property
+    def env(self) -> str:
+        return f"DGSERVE_{self.dest.upper()}"
 
-def _add_off_switch(parser: argparse.ArgumentParser, dest: str, help: str) -> None:
-    """--no-<dest>: on unless given, or unless DGSERVE_<DEST>=0."""
-    parser.add_argument(f"--no-{dest.replace('_', '-')}", dest=dest, action="store_false",
-                        default=_env(dest.upper(), "1") != "0", help=help)  # fmt: skip
+    def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+        raw = os.environ.get(self.env)
+        if self.kind == "off":
+            parser.add_argument(f"--no-{self.name}", dest=self.dest, action="store_false", default=raw != "0",
+                                help=self.help)  # fmt: skip
+        elif self.kind == "toggle":
+            default = self.default if raw is None else raw.lower() in ("1", "true", "yes", "on")
+            parser.add_argument(f"--{self.name}", action=argparse.BooleanOptionalAction, default=default,
+                                help=self.help)  # fmt: skip
+        else:
+            default = self.default if raw is None else self.type(raw)
+            parser.add_argument(f"--{self.name}", type=self.type, default=default, choices=self.choices,
+                                help=self.help)  # fmt: skip
 
 
 def _names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _int_or_none(value: str | None) -> int | None:
-    return None if value is None else int(value)
+_LIMITS = "connection limits (slow or stalled clients)"
+SERVE_FLAGS = (
+    Flag("model", DEMO, help="checkpoint directory, hub id, demo, random-demo"),
+    Flag("host", "127.0.0.1"),
+    Flag("port", 8000, int),
+    Flag("api-key", help="require 'Authorization: Bearer KEY'", fills="server"),
+    Flag("served-model-name", help="the model id clients use"),
+    Flag("dtype", choices=("bfloat16", "float32"), fills="engine"),
+    Flag("device", fills="engine"),
+    Flag("quantization", choices=QUANTIZATION_CHOICES, fills="engine",
+         help="quantize a bf16 checkpoint at load (FP8 and NVFP4 checkpoints are detected from their config)"),
+    Flag("max-num-seqs", 8, int, fills="engine"),
+    Flag("max-model-len", None, int, fills="engine"),
+    Flag("max-waiting", 256, int, fills="engine"),
+    Flag("kv-budget-bytes", None, int, fills="engine"),
+    Flag("kv-budget-fraction", 0.5, float, fills="engine"),
+    Flag("prefill-chunk", 2048, int, fills="engine",
+         help="prompt tokens a sequence encodes per iteration (bounds a long prompt's memory)"),
+    Flag("playground", kind="off", fills="server", help="do not serve the web playground at /"),
+    Flag("stream-prefix", False, kind="toggle", fills="server",
+         help="stream each canvas's settled leading tokens before it commits, for requests that leave "
+         "diffusion.stream_prefix unset (default: off)"),
+    Flag("compile", None, kind="toggle", fills="engine",
+         help="torch.compile the denoising step at start (default: on CUDA only)"),
+    Flag("cuda-graphs", kind="off", fills="engine",
+         help="run the compiled step without capturing it as CUDA graphs"),
+    Flag("max-capture-len", 8192, int, fills="engine",
+         help="CUDA graphs cover contexts up to this many tokens; longer ones run the compiled step uncaptured"),
+    Flag("drain-timeout", 30.0, float,
+         help="on SIGTERM, seconds in-flight requests get to finish before they are failed"),
+    Flag("header-timeout", 5.0, float, fills="limits", group=_LIMITS,
+         help="seconds for a request's headers to arrive, from its first byte (or the connection's opening)"),
+    Flag("body-timeout", 10.0, float, fills="limits", group=_LIMITS,
+         help="seconds for a request body to arrive, plus 1 s per --body-min-rate bytes it declares; then 408"),
+    Flag("body-min-rate", 64 * 2**10, int, fills="limits", group=_LIMITS,
+         help="bytes per second a client may send its body as slowly as"),
+    Flag("keep-alive-timeout", 5.0, float, fills="limits", group=_LIMITS,
+         help="seconds an idle keep-alive connection stays open"),
+    Flag("send-timeout", 30.0, float, fills="limits", group=_LIMITS,
+         help="seconds a client may leave the server's writes blocked (not reading a stream) before it is cut off"),
+    Flag("send-buffer", 128 * 2**10, int, fills="limits", group=_LIMITS,
+         help="bytes a connection may have waiting to be sent (in the kernel, and again in the server) before its "
+         "writes block"),
+    Flag("max-connections", 512, int, fills="limits", group=_LIMITS,
+         help="open connections at most; more are answered 503 with Retry-After at once"),
+    Flag("max-connections-per-client", 128, int, fills="limits", group=_LIMITS,
+         help="open connections per client IP address at most (0: no such cap, e.g. behind a proxy)"),
+    Flag("allowed-hosts", [], _names,
+         help="extra Host names accepted when bound to loopback (comma-separated; '*' = any)"),
+    Flag("cors-origins", [], _names, help="origins allowed by CORS (comma-separated); CORS is off without them"),
+)  # fmt: skip
 
 
-def _bool_or_none(value: str | None) -> bool | None:
-    return None if value is None else value.lower() in ("1", "true", "yes", "on")
+def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for flag in SERVE_FLAGS:
+        flag.add_to(serve if flag.group is None else groups.get(flag.group) or groups.setdefault(
+            flag.group, serve.add_argument_group(flag.group)))  # fmt: skip
+
+
+def _fills(args: argparse.Namespace, target: str) -> dict[str, Any]:
+    """The parsed values of the flags that fill `target`, by field name."""
+    return {flag.dest: getattr(args, flag.dest) for flag in SERVE_FLAGS if flag.fills == target}
 
 
 def _write_checkpoint(args: argparse.Namespace) -> None:

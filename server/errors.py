@@ -41,11 +41,28 @@ def _text(value: str) -> str:
     return value.encode("utf-8", "replace").decode("utf-8")
 
 
-def error_response(error: OpenAIError) -> JSONResponse:
+# Anthropic's error types (the Messages API's routes answer in its shape).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                    503: "overloaded_error"}  # fmt: skip
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def anthropic_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """Anthropic's error object, which has no parameter field: the message names it instead."""
+    text = message if param is None or param in message else f"{param}: {message}"
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "invalid_request_error"),
+                                       "message": _text(text)}}  # fmt: skip
+
+
+def error_response(error: OpenAIError, path: str = "") -> JSONResponse:
+    """The error in the shape of the API at `path`."""
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
     if error.status >= 500:
         headers["x-should-retry"] = "false" if error.retry_after is None else "true"
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    anthropic = path.startswith(ANTHROPIC_PREFIX)
+    body = anthropic_body(error.status, error.message, error.param) if anthropic else error.body()
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -75,22 +92,22 @@ def _is_type_name(part: str) -> bool:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
-    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
-        return error_response(exc)
+    async def _openai(request: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(OpenAIError(400, message, "invalid_request", param))
+        return error_response(OpenAIError(400, message, "invalid_request", param), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "content_too_large"}.get(
             exc.status_code, "invalid_request"
         )
-        return error_response(OpenAIError(exc.status_code, str(exc.detail), code))
+        return error_response(OpenAIError(exc.status_code, str(exc.detail), code), request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("internal error on %s", request.url.path, exc_info=exc)
-        return error_response(OpenAIError(500, "internal server error", "internal_error"))
+        return error_response(OpenAIError(500, "internal server error", "internal_error"), request.url.path)

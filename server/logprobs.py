@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from engine.request import Logprob
+from engine.request import BlockCommitted, Finished, Logprob
 from server.text import Tokenizer
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -29,6 +29,11 @@ class TokenPieces:
             byte = _BYTE_TOKEN.fullmatch(self._tokenizer.hf.convert_ids_to_tokens(token_id))
             piece = self._pieces[token_id] = (text, [int(byte[1], 16)] if byte else list(text.encode()))
         return piece
+
+
+def entries_of(event: BlockCommitted | Finished) -> tuple[Logprob, ...]:
+    """The entries an update's event brings (a block's tokens, then any stop token); none for a finish."""
+    return event.logprobs or () if isinstance(event, BlockCommitted) else ()
 
 
 def chat_content(pieces: TokenPieces, entries: Iterable[Logprob]) -> list[dict[str, Any]]:

@@ -75,6 +75,31 @@ def test_completion_logprobs_legacy_shape(demo_server):
     assert [o for s in streamed for o in s.text_offset] == lp.text_offset
 
 
+def test_responses_logprobs_streamed_and_not(demo_server):
+    client = demo_server.client()
+    kwargs = {
+        "model": "tiny",
+        "input": "Tell me about the sea.",
+        "max_output_tokens": 40,
+        "top_logprobs": 2,
+        "include": ["message.output_text.logprobs"],
+        "extra_body": {"seed": 7, "diffusion": {"steps": 16}},
+    }
+    response = client.responses.create(**kwargs)
+    part = response.output[0].content[0]
+    assert len(part.logprobs) == response.usage.output_tokens > 0
+    check_entries(part.logprobs, 2)
+    assert spelled(part.logprobs, "length" if response.status == "incomplete" else "stop") == part.text
+    deltas, done = [], None
+    for event in client.responses.create(stream=True, **kwargs):
+        if event.type == "response.output_text.delta":
+            deltas += event.logprobs
+        elif event.type == "response.completed" or event.type == "response.incomplete":
+            done = event.response
+    assert [e.logprob for e in deltas] == [e.logprob for e in part.logprobs]  # the same seed, the same entries
+    assert done.output[0].content[0].logprobs == part.logprobs
+
+
 BAD = [
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("chat", {"top_logprobs": 2}, "top_logprobs"),
@@ -82,6 +107,8 @@ BAD = [
     ("completions", {"logprobs": 6}, "logprobs"),
     ("completions", {"logprobs": -1}, "logprobs"),
     ("completions", {"logprobs": 1, "echo": True}, "echo"),
+    ("responses", {"top_logprobs": 21}, "top_logprobs"),
+    ("responses", {"include": ["reasoning.encrypted_content"]}, "include"),
 ]
 
 
@@ -91,6 +118,8 @@ def test_bad_logprobs_are_400s_naming_the_parameter(demo_server):
         with pytest.raises(openai.BadRequestError) as info:
             if path == "chat":
                 client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, extra_body=body)
+            elif path == "responses":
+                client.responses.create(model="tiny", input="x", max_output_tokens=4, extra_body=body)
             else:
                 client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body=body)
         assert info.value.body["param"] == param, (body, info.value.body)
