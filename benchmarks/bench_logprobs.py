@@ -5,7 +5,7 @@ chosen token's only) and with logprobs=20 (the most alternatives) on every row. 
 committed block, at the step that commits it, so the report gives the scoring pass per committing step (ms, and its
 share of a mean step) and the mean step of each run: what they cost spread over all steps.
 
-    python -m benchmarks.bench_logprobs [--size demo|bench] [--rows 4] [--steps 16] [--max-tokens 512]
+    python -m benchmarks.bench_logprobs [--size demo|bench] [--rows 4] [--steps 16] [--max-tokens 256]
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def run(engine: Engine, logprobs: int | None, args: argparse.Namespace) -> list[
     """Step times (s) until every row is done."""
     prompt = list(range(200, 232))
     for i in range(args.rows):
-        params = SamplingParams(max_tokens=args.max_tokens, max_denoising_steps=args.steps, stability_threshold=0,
+        # Every canvas runs all its steps (no early stop): one committing step in `steps`.
+        params = SamplingParams(max_tokens=args.max_tokens, max_denoising_steps=args.steps, confidence_threshold=1e-9,
                                 stop_token_ids=(), seed=i, logprobs=logprobs)  # fmt: skip
         engine.add_request(f"r{i}", prompt, params)
     steps = []
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--size", default="demo", choices=["demo", "bench"])
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

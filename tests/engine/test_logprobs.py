@@ -12,6 +12,8 @@ import torch
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.request import BlockCommitted, InvalidRequestError, SamplingParams
+from models.hub import DEMO_CHECKPOINT
+from server.text import Tokenizer
 
 MiB = 2**20
 STEPS = 6  # per canvas at most: enough to commit, and a few seconds per test
@@ -26,6 +28,12 @@ def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]) -
     return {rid: [e for e in evs if isinstance(e, BlockCommitted)] for rid, evs in events.items()}
 
 
+def demo_prompt() -> list[int]:
+    """A real chat prompt for the demo checkpoint, whose replies are text."""
+    tokenizer = Tokenizer(DEMO_CHECKPOINT)
+    return tokenizer.chat_prompt_ids([{"role": "user", "content": "Tell me about the sea."}], False)
+
+
 def tokens(blocks: list[BlockCommitted]) -> list[int]:
     return [t for b in blocks for t in b.token_ids]
 
@@ -34,29 +42,41 @@ def entries(blocks: list[BlockCommitted]):
     return [entry for b in blocks for entry in b.logprobs]
 
 
-def test_logprobs_equal_a_full_log_softmax_of_the_committing_step(engine):
-    """Each entry against log_softmax over the whole vocabulary of the softcapped logits the model gave that position
-    at the step that committed it (the runner's hidden states then, read back before the next step)."""
-    params = SamplingParams(max_tokens=40, max_denoising_steps=STEPS, seed=3, logprobs=5)
-    engine.add_request("full", prompt(0), params)
-    seq = engine.scheduler.waiting[0]
-    checked = 0
+def scored_against_full_log_softmax(engine: Engine, ids: list[int], params: SamplingParams) -> list[BlockCommitted]:
+    """Run one request step by step, checking each entry against log_softmax over the whole vocabulary of the
+    softcapped logits the model gave that position at the step that committed it (the runner's hidden states then,
+    read back before the next step); returns the request's blocks."""
+    engine.add_request("full", ids, params)
+    seq, blocks = engine.scheduler.waiting[0], []
     while engine.has_unfinished():
         slot, start = seq.slot, seq.streamed  # where this step's block starts in the canvas
         for event in engine.step()[0]:
             if not isinstance(event, BlockCommitted):
                 continue
-            full = torch.log_softmax(engine.model.logits(engine.runner.last_hidden[slot]), -1)  # [C, V]
-            assert len(event.logprobs) == len(event.token_ids) + (event.stop_token_id is not None)
+            blocks.append(event)
+            full = torch.log_softmax(engine.model.logits(engine.runner.last_hidden[slot]).float(), -1)  # [C, V]
+            scored = [*event.token_ids, *([] if event.stop_token_id is None else [event.stop_token_id])]
+            assert [e.token_id for e in event.logprobs] == scored
             for i, entry in enumerate(event.logprobs):
                 position = full[start + i]
-                assert entry.token_id == event.token_ids[i]
                 assert entry.logprob == pytest.approx(position[entry.token_id].item(), abs=1e-5)
-                values, ids = torch.topk(position, 5)
-                assert [t for t, _ in entry.top] == ids.tolist()
+                values, top = torch.topk(position, params.logprobs)
+                assert [t for t, _ in entry.top] == top.tolist()
                 assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-5)
-            checked += len(event.token_ids)
-    assert checked == 40
+    return blocks
+
+
+def test_logprobs_equal_a_full_log_softmax_of_the_committing_step(engine):
+    params = SamplingParams(max_tokens=40, max_denoising_steps=STEPS, seed=3, logprobs=5)
+    assert len(tokens(scored_against_full_log_softmax(engine, prompt(0), params))) == 40
+
+
+def test_settled_prefixes_are_scored_at_the_step_that_settled_them():
+    """The demo checkpoint's canvases settle (the tiny random one's never do): partial blocks start mid-canvas."""
+    engine = Engine(EngineConfig(str(DEMO_CHECKPOINT), kv_budget_bytes=64 * MiB, max_num_seqs=1))
+    params = SamplingParams(max_tokens=64, max_denoising_steps=8, seed=1, logprobs=2, stream_prefix=True)
+    blocks = scored_against_full_log_softmax(engine, demo_prompt(), params)
+    assert blocks[0].partial and not blocks[1].partial  # the canvas's final block starts where the prefix ended
 
 
 def test_entries_one_per_token_then_the_stop_token(engine):

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
-DEMO = {"model": "tiny", "seed": 7, "extra_body": {"diffusion": {"steps": 16}}}
+DEMO = {"model": "tiny", "seed": 7, "extra_body": {"diffusion": {"steps": 8}}}  # few steps: the demo settles fast
 
 
 def check_entries(entries, k: int) -> None:
@@ -21,11 +21,14 @@ def check_entries(entries, k: int) -> None:
         assert all(math.isfinite(v) and v <= 0 for v in top)
 
 
-def spelled(entries, finish_reason: str) -> str:
-    """The text the entries' bytes spell, less the stop token's entry when the reply ended at one."""
+def spelled(server, entries, finish_reason: str) -> str:
+    """The text the entries' bytes spell: less the stop token's entry when the reply ended at one, and less special
+    tokens (padding a canvas past the reply's end), which text leaves out."""
     if finish_reason == "stop":
         entries = entries[:-1]
-    return bytes(b for entry in entries for b in entry.bytes).decode()
+    with server.http() as http:
+        special = set(http.get("/tokenizer_info").json()["special_tokens"])
+    return bytes(b for entry in entries if entry.token not in special for b in entry.bytes).decode()
 
 
 def test_chat_logprobs(demo_server):
@@ -36,15 +39,15 @@ def test_chat_logprobs(demo_server):
     entries = choice.logprobs.content
     assert len(entries) == response.usage.completion_tokens > 0
     check_entries(entries, 3)
-    assert spelled(entries, choice.finish_reason) == choice.message.content
+    assert spelled(demo_server, entries, choice.finish_reason) == choice.message.content
     if choice.finish_reason == "stop":
         assert entries[-1].token in ("<eos>", "<turn|>")  # the stop token's entry
 
 
 def test_streamed_chat_chunks_carry_their_entries(demo_server):
     stream = demo_server.client().chat.completions.create(
-        messages=MESSAGES, max_tokens=300, logprobs=True, stream=True, stream_options={"include_usage": True},
-        model="tiny", seed=7, extra_body={"diffusion": {"steps": 16, "stream_prefix": True}},
+        messages=MESSAGES, max_tokens=60, logprobs=True, stream=True, stream_options={"include_usage": True},
+        model="tiny", seed=7, extra_body={"diffusion": {"steps": 8, "stream_prefix": True}},
     )  # fmt: skip
     entries, text, usage, finish, chunks = [], "", None, None, 0
     for chunk in stream:
@@ -57,7 +60,7 @@ def test_streamed_chat_chunks_carry_their_entries(demo_server):
             finish = choice.finish_reason or finish
     assert len(entries) == usage.completion_tokens and chunks >= 2  # a settled prefix, then the rest of the canvas
     check_entries(entries, 0)
-    assert spelled(entries, finish) == text
+    assert spelled(demo_server, entries, finish) == text
 
 
 def test_completion_logprobs_legacy_shape(demo_server):
@@ -69,6 +72,10 @@ def test_completion_logprobs_legacy_shape(demo_server):
     assert all(math.isfinite(v) and v <= 0 for v in lp.token_logprobs)
     assert all(len(top) <= 2 and all(v <= 0 for v in top.values()) for top in lp.top_logprobs)
     assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    with demo_server.http() as http:
+        special = set(http.get("/tokenizer_info").json()["special_tokens"])
+    shown = lp.tokens[:-1] if choice.finish_reason == "stop" else lp.tokens  # less the stop token
+    assert "".join(t for t in shown if t not in special) == choice.text  # English: no byte-fallback tokens
     stream = client.completions.create(prompt="The sea is", max_tokens=20, logprobs=2, stream=True, **DEMO)
     streamed = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
     assert [t for s in streamed for t in s.tokens] == lp.tokens  # the same seed: the same tokens
@@ -83,13 +90,13 @@ def test_responses_logprobs_streamed_and_not(demo_server):
         "max_output_tokens": 40,
         "top_logprobs": 2,
         "include": ["message.output_text.logprobs"],
-        "extra_body": {"seed": 7, "diffusion": {"steps": 16}},
+        "extra_body": {"seed": 7, "diffusion": {"steps": 8}},
     }
     response = client.responses.create(**kwargs)
     part = response.output[0].content[0]
     assert len(part.logprobs) == response.usage.output_tokens > 0
     check_entries(part.logprobs, 2)
-    assert spelled(part.logprobs, "length" if response.status == "incomplete" else "stop") == part.text
+    assert spelled(demo_server, part.logprobs, "length" if response.status == "incomplete" else "stop") == part.text
     deltas, done = [], None
     for event in client.responses.create(stream=True, **kwargs):
         if event.type == "response.output_text.delta":
@@ -123,4 +130,4 @@ def test_bad_logprobs_are_400s_naming_the_parameter(demo_server):
             else:
                 client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body=body)
         assert info.value.body["param"] == param, (body, info.value.body)
-    assert client.completions.create(model="tiny", prompt="x", max_tokens=2, **DEMO).choices  # still serving
+    assert client.completions.create(prompt="x", max_tokens=2, **DEMO).choices  # still serving
