@@ -244,7 +244,7 @@ class ModelRunner:
         widest = max(k for *_, k in blocks)
         chosen, values, top = token_logprobs(self.model, hidden, tokens, widest, self.engine_config.sampler_chunk)
         # fp64 holds every id exactly, so one copy carries all three.
-        rows = iter(torch.cat([chosen[:, None], values, top], 1).double().cpu().tolist())
+        rows = iter(torch.cat([x.double() for x in (chosen[:, None], values, top)], 1).cpu().tolist())
         return [tuple(_logprob(t, next(rows), widest, k) for t in ids) for *_, ids, k in blocks]
 
     def _update(self, result: StepResult, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

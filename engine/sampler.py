@@ -26,6 +26,9 @@ Tokens are a function of (logits, key, vocab_chunk): a seeded request gets the s
 wherever the forward is batch-invariant (CPU). Rows never read each other's noise, on any device.
 
 `reference_step` repeats transformers' generate() op for op on the global generator (spec 6.3), for one row.
+
+`token_logprobs` scores committed tokens after the step that committed them, for the rows that ask only: outside
+the compiled step, so that rows without logprobs pay nothing (README "Logprobs").
 """
 
 from __future__ import annotations
@@ -185,8 +188,9 @@ def token_logprobs(
             best = merge_top_k(best, values, ids.add_(start), k)
         sum_exp += torch.exp(z - cap).sum(-1, keepdim=True)
     lse = torch.log(sum_exp) + cap
-    top_values, top_ids = best if k else (sum_exp[:, :0], tokens[:, None][:, :0])
-    return (chosen - lse)[:, 0], top_values - lse, top_ids
+    if best is None:  # k = 0: [M, 0]
+        best = (sum_exp[:, :0], tokens[:, None][:, :0])
+    return (chosen - lse)[:, 0], best[0] - lse, best[1]
 
 
 def merge_top_k(
