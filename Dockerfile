@@ -1,40 +1,53 @@
-# syntax=docker/dockerfile:1
+# dgserve: an OpenAI-compatible server for DiffusionGemma. Three images from one file, chosen by VARIANT:
 #
-# dgserve: an OpenAI-compatible server for DiffusionGemma. Two images from one file:
+#   docker build -t dgserve:cuda12 .                            # NVIDIA driver >= 570 (CUDA 12.8): the default
+#   docker build -t dgserve:cuda13 --build-arg VARIANT=cuda13 . # NVIDIA driver >= 580 (CUDA 13.0), DGX Spark
+#   docker build -t dgserve:cpu --build-arg VARIANT=cpu .       # CPU only: serves the bundled demo model
 #
-#   docker build -t dgserve .                                  # CUDA (the default): serves the real model
-#   docker buildx build --platform linux/arm64 -t dgserve .    # the same for DGX Spark (or build on the Spark)
-#   docker build -t dgserve:cpu --build-arg VARIANT=cpu .      # CPU only: serves the bundled demo model
-#
+# BuildKit is not required: the legacy builder also builds only what VARIANT needs (the variant stages below set
+# environment variables only; torch is installed once, in the runtime stage, for the chosen variant).
 # Configuration is the same as `dgserve serve`'s: every option reads DGSERVE_<NAME> from the environment (README,
 # "Deploy with Docker"). The API key and the Hugging Face token are never baked in: pass them at run time.
-
-# The CUDA base must ship a torch that satisfies pyproject's `torch>=2.6`, so that pip keeps it, and Python >= 3.11.
-# NVIDIA's PyTorch container is published for linux/amd64 and linux/arm64 (DGX Spark, GH200) with a CUDA 13 torch
-# built for every current GPU, Blackwell's sm100/sm120 and GB10's sm121 included: one tag builds natively on both.
-ARG CUDA_BASE_IMAGE=nvcr.io/nvidia/pytorch:25.09-py3
-ARG CPU_BASE_IMAGE=python:3.11-slim-bookworm
-# cuda or cpu. `FROM base-${VARIANT}` names one of the two stages below, not an image: hadolint cannot see that,
-# hence its DL3006 (untagged image) is silenced on those two lines only.
-ARG VARIANT=cuda
-
-# ---- torch, per variant ---------------------------------------------------------------------------------------------
-FROM ${CUDA_BASE_IMAGE} AS base-cuda
-# torch built for CUDA comes with the base image. Without DGSERVE_MODEL, the GPU image serves the real checkpoint.
-ENV DGSERVE_MODEL=google/diffusiongemma-26B-A4B-it
-
-FROM ${CPU_BASE_IMAGE} AS base-cpu
-ARG PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
-# The CPU wheel: on Linux an unpinned torch from the default index is a multi-GB CUDA build.
+#
+# Torch, in every variant: PyTorch's own wheel of the version the tests run, so that F.grouped_mm (torch >= 2.10) is
+# there and the GPU image computes what the CPU tests check. Facts behind this choice (checked December 2026):
+#   - NVIDIA's NGC image (nvcr.io/nvidia/pytorch, this file's former base) ships torch pre-releases that trail: 25.12
+#     is torch 2.10.0a0 on CUDA 13.1.0 (https://docs.nvidia.com/deeplearning/frameworks/pytorch-release-notes/
+#     rel-25-12.html); 25.09 is torch 2.9 on CUDA 13.0 (no F.grouped_mm, driver >= 580; ../shared/gpu-audit.md);
+#     the CUDA 12.8 tags that a 570 driver runs (25.01-25.03) carry torch 2.6-2.7, before even torch._grouped_mm
+#     (2.8). No NGC tag serves both a 570 driver and a torch with grouped GEMMs, hence two CUDA variants here.
+#   - Driver floor (https://docs.nvidia.com/deploy/cuda-compatibility/minor-version-compatibility.html): CUDA 13.x
+#     needs a driver >= 580; CUDA 12.x runs on >= 525 with a limited feature set, and CUDA 12.8's own driver is 570.
+#     The data-center forward-compatibility package (cuda-compat) does not help consumer (RTX) cards: their driver
+#     must meet the floor itself.
+#   - PyTorch publishes cu128 and cu130 wheels of each release (torch 2.9, 2.10 and 2.11 all have both:
+#     replicate/cog's pkg/config/torch_compatibility.json, generated from download.pytorch.org), for linux aarch64
+#     too since torch 2.9 (its release notes; not re-checked here, as 2.13.0's presence on cu128/cu130 is not: no
+#     network here). If TORCH_VERSION is missing for a variant, the pip install fails the build: pass another.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# cuda12, cuda13 or cpu. `FROM variant-${VARIANT}` names a stage below, not an image: hadolint cannot see that,
+# hence its DL3006 (untagged image) is silenced on that line only.
+ARG VARIANT=cuda12
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl
+# The version the tokenizer and the parity tests run against (pyproject's test extra): the image gets the same.
+ARG TRANSFORMERS_VERSION=5.23.0
+
+# ---- per-variant settings (environment only: nothing here is large) -------------------------------------------------
+FROM ${PYTHON_IMAGE} AS variant-cpu
 # No real weights fit a CPU: serve the bundled demo checkpoint (a tiny model trained on the Python manual).
 ENV DGSERVE_MODEL=demo
 
-# ---- build: the dependency list and the dgserve wheel ---------------------------------------------------------------
-# hadolint ignore=DL3006
-FROM base-${VARIANT} AS build
+FROM ${PYTHON_IMAGE} AS variant-cuda12
+# The real checkpoint, on the GPU or not at all: without a usable GPU the server exits naming the driver it found,
+# `nvidia-smi` and the NVIDIA Container Toolkit, instead of loading 101 GB of fp32 weights on the CPU.
+ENV DGSERVE_MODEL=google/diffusiongemma-26B-A4B-it \
+    DGSERVE_DEVICE=cuda
+
+FROM variant-cuda12 AS variant-cuda13
+
+# ---- build: the dependency list and the dgserve wheel (pure Python: no torch needed) ---------------------------------
+FROM ${PYTHON_IMAGE} AS build
 ARG PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 COPY pyproject.toml ./
@@ -49,15 +62,29 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # ---- runtime --------------------------------------------------------------------------------------------------------
 # hadolint ignore=DL3006
-FROM base-${VARIANT} AS runtime
+FROM variant-${VARIANT} AS runtime
 ARG PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+ARG VARIANT
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL
+ARG TRANSFORMERS_VERSION
 ARG UID=1000
 WORKDIR /tmp/install
 
-# Dependencies first, in their own cached layer. The constraint pins torch to the base image's build: pip keeps it,
-# and a dependency that wanted another torch fails the build instead of pulling a second multi-GB copy.
+# Torch first, from the wheel index of the variant: on Linux an unpinned torch from PyPI is some CUDA build.
+RUN case "${VARIANT}" in \
+        cpu) wheels=cpu ;; \
+        cuda12) wheels=cu128 ;; \
+        cuda13) wheels=cu130 ;; \
+        *) echo "VARIANT must be cuda12, cuda13 or cpu, not '${VARIANT}'" >&2; exit 1 ;; \
+    esac \
+    && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}/${wheels}" "torch==${TORCH_VERSION}"
+
+# Dependencies next, in their own cached layer. The constraints keep that torch (a dependency that wanted another
+# fails the build instead of pulling a second multi-GB copy) and pin transformers to the tested version.
 COPY --from=build /src/requirements.txt ./
 RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > constraints.txt \
+    && echo "transformers==${TRANSFORMERS_VERSION}" >> constraints.txt \
     && pip install --no-cache-dir -c constraints.txt -r requirements.txt
 
 # Then dgserve itself: no dependency left to resolve. The import proves the install.
@@ -84,16 +111,22 @@ WORKDIR /home/dgserve
 USER ${UID}:0
 
 # Inside a container the server listens on every interface; publish the port on 127.0.0.1 (docker-compose.yml does).
+# The Host check still answers only localhost, 127.0.0.1 and ::1: add the names clients use with
+# DGSERVE_ALLOWED_HOSTS. The drain fits Docker's default 10 s stop grace (`docker stop`, `docker run` without
+# --stop-timeout): raise DGSERVE_DRAIN_TIMEOUT together with --stop-timeout (compose sets both).
 ENV DGSERVE_HOST=0.0.0.0 \
     DGSERVE_PORT=8000 \
+    DGSERVE_DRAIN_TIMEOUT=5 \
+    DGSERVE_URL_FILE=/tmp/dgserve.url \
     PYTHONUNBUFFERED=1
 EXPOSE 8000
 
 # /health answers once the weights are loaded and the engine thread runs: the start period covers downloading and
-# loading 52 GB. Python, not curl: slim images have no curl.
+# loading 52 GB. The server writes the URL it listens on to DGSERVE_URL_FILE, so `serve --port` moves the probe too.
+# Python, not curl: slim images have no curl.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('DGSERVE_PORT', '8000'), timeout=8)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(open(os.environ['DGSERVE_URL_FILE']).read().strip() + '/health', timeout=8)"]
 
-# Exec form: dgserve itself receives SIGTERM, and uvicorn drains in-flight requests for DGSERVE_DRAIN_TIMEOUT seconds.
+# Exec form: dgserve itself receives SIGTERM, and drains in-flight requests for DGSERVE_DRAIN_TIMEOUT seconds.
 ENTRYPOINT ["dgserve"]
 CMD ["serve"]

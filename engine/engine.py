@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from engine.config import EngineConfig
 from engine.constraint import NUM_CANDIDATES, Constraint
+from engine.device import check_device
 from engine.memory import check_memory, free_memory_bytes
 from engine.model_runner import ModelRunner
 from engine.request import (
@@ -41,6 +42,7 @@ class Engine:
         self.config = config
         device, dtype = config.torch_device, config.torch_dtype
         if model is None:
+            check_device(device, requested=config.device is not None)
             check_memory(config, load_config(config.checkpoint)[0], free_memory_bytes(device))
             # Reference mode runs the reference's exact GEMM shapes; otherwise expert groups are padded so that
             # a sequence's numbers do not depend on its batch (see models.diffusion_gemma.Experts).

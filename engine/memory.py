@@ -8,6 +8,7 @@ import os
 import torch
 
 from engine.config import EngineConfig
+from engine.device import no_cuda_reason
 from engine.kv_cache import KVLayout
 from models.config import ModelConfig
 from models.loader import build_model, checkpoint_plan
@@ -52,10 +53,12 @@ class InsufficientMemoryError(RuntimeError):
 
 
 def check_memory(engine_config: EngineConfig, config: ModelConfig, free: int) -> None:
-    """Refuse, before loading, a model that cannot fit on its GPU, naming the formats that would. The KV cache
-    counted is the configured budget, else its minimum. CPUs are not checked: their pages are committed only as
-    they are touched, so a budget is no allocation there, and the machine swaps rather than fails."""
-    if engine_config.torch_device.type != "cuda":
+    """Refuse, before any weight is read, a model that cannot fit, naming the formats that would. The KV cache
+    counted is the configured budget, else its minimum. On the CPU `free` is MemAvailable and the weights are counted
+    at the load dtype (fp32 unless --dtype bfloat16): the real checkpoint in fp32 (about 101 GB) would otherwise be
+    OOM-killed, or swap for minutes, before anyone saw why."""
+    device = engine_config.torch_device
+    if device.type not in ("cuda", "cpu"):
         return
     dtype, checkpoint = engine_config.torch_dtype, engine_config.checkpoint
     kv = engine_config.kv_budget_bytes or min_kv_bytes(config, dtype, engine_config.max_num_seqs)
@@ -64,10 +67,13 @@ def check_memory(engine_config: EngineConfig, config: ModelConfig, free: int) ->
     if needed <= free:
         return
     name = plan.format if plan else str(dtype).removeprefix("torch.")
+    where = f"on {device}" if device.type == "cuda" else "in CPU memory"
     message = (
-        f"the model does not fit on {engine_config.torch_device}: {name} weights "
+        f"the model does not fit {where}: {name} weights "
         f"{(needed - kv) / GiB:.1f} GiB + KV cache {kv / GiB:.2f} GiB > {free / GiB:.1f} GiB free."
     )
+    if device.type == "cpu" and engine_config.device is None:
+        message += " The CPU was chosen because no CUDA GPU is usable: " + no_cuda_reason()
     if plan is not None and not plan.from_bf16:
         raise InsufficientMemoryError(f"{message} Use a device with more memory or a smaller checkpoint format.")
     options = {f"--quantization {q}": weight_bytes(config, dtype, checkpoint_plan(checkpoint, q))

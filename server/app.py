@@ -55,8 +55,8 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 8 * 2**20
     default_max_tokens: int = 4096  # chat requests without max_tokens, clamped to the context left
-    # Host header names accepted; None = any. Bound to loopback, only local names: a page a browser loaded from
-    # elsewhere cannot reach the server through DNS rebinding.
+    # Host header names answered, whatever the bind address; None = any. With only the local names and those the
+    # operator adds, a page a browser loaded from elsewhere cannot reach the server through DNS rebinding.
     allowed_hosts: frozenset[str] | None = None
     cors_origins: tuple[str, ...] = ()  # CORS stays off unless origins are configured
     playground: bool = True  # the web page at / (server/playground/)
@@ -124,7 +124,8 @@ class RequestGuard:
                 return await reply(OpenAIError(431, f"more than {MAX_HEADERS} headers", "too_many_headers"))
             allowed = self.config.allowed_hosts
             if allowed is not None and host_name(headers.get("host", "")).lower() not in allowed:
-                return await reply(OpenAIError(403, "this server only answers requests for a local host name",
+                return await reply(OpenAIError(403, "this server does not answer requests for this Host; the operator "
+                                               "can add the name with --allowed-hosts (DGSERVE_ALLOWED_HOSTS)",
                                                "forbidden_host"))  # fmt: skip
             preflight = scope["method"] == "OPTIONS"  # CORS preflights carry no credentials and serve no data
             if self._key is not None and path not in self._open and not preflight and not self._authorized(headers):
@@ -317,6 +318,6 @@ def create_app(
         return tokenizer.info() | {"max_model_len": max_model_len}
 
     if config.playground:
-        add_playground(app)
+        add_playground(app, config.api_key is not None)
     app.add_middleware(RequestGuard, config=config, metrics=metrics)
     return app

@@ -16,7 +16,9 @@ import torch
 from transformers import AutoTokenizer
 
 from engine.config import EngineConfig
+from engine.device import DeviceUnavailableError, check_device
 from engine.engine import Engine
+from engine.memory import InsufficientMemoryError
 from engine.request import BlockCommitted, CanvasInit, Draft, Finished, SamplingParams
 from models.hub import DEMO, RANDOM_DEMO, resolve_checkpoint
 from models.quant import QUANTIZATION_CHOICES
@@ -111,12 +113,15 @@ def _generate(args: argparse.Namespace) -> None:
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
     config = EngineConfig(
         str(checkpoint),
-        device=args.device,
+        device=_device(args.device),
         dtype=args.dtype,
         max_num_seqs=1,
         reference_mode=args.reference,
     )
-    engine = Engine(config, progress=not args.json)
+    try:
+        engine = Engine(config, progress=not args.json)
+    except (DeviceUnavailableError, InsufficientMemoryError) as exc:
+        sys.exit(f"dgserve generate: {exc}")
     try:
         engine.add_request("cli", prompt_ids, _sampling_params(args), canvas=_canvas(args, tokenizer))
     except ValueError as exc:
@@ -165,18 +170,26 @@ def _serve(args: argparse.Namespace) -> None:
     from engine.async_engine import AsyncEngine
     from server.app import LOCAL_HOSTS, ServerConfig, create_app
     from server.connections import ConnectionGuard, ConnectionLimits
-    from server.lifecycle import DrainingServer, ServerState
+    from server.lifecycle import DrainingServer, ServerState, local_url
     from server.metrics import Metrics
     from server.text import Tokenizer
 
+    device = _device(args.device)
+    try:
+        if device is not None:  # before the weights are downloaded, not after
+            check_device(torch.device(device), requested=True)
+    except DeviceUnavailableError as exc:
+        sys.exit(f"dgserve serve: {exc}")
     checkpoint = resolve_checkpoint(args.model)
     _warn_if_demo(args.model, checkpoint)
     name = args.served_model_name or ("dgserve-demo" if args.model in (None, DEMO) else args.model)
     metrics = Metrics(name)
-    engine = AsyncEngine(
-        EngineConfig(str(checkpoint), **_fills(args, "engine"), fault_injection=os.environ.get("DGSERVE_TEST_FAULT")),
-        on_step=metrics.on_step,
-    )
+    config = EngineConfig(str(checkpoint), device=device, **_fills(args, "engine"),
+                          fault_injection=os.environ.get("DGSERVE_TEST_FAULT"))  # fmt: skip
+    try:
+        engine = AsyncEngine(config, on_step=metrics.on_step)
+    except (DeviceUnavailableError, InsufficientMemoryError) as exc:
+        sys.exit(f"dgserve serve: {exc}")
     budget = engine.info.kv_budget_bytes
     metrics.kv_budget.set(budget)
     typical = engine.info.kv_bytes_for(1024, 1024)
@@ -184,12 +197,13 @@ def _serve(args: argparse.Namespace) -> None:
         "model %s from %s; KV budget %.1f GiB: %d sequences of 1K prompt + 1K output fit at once (max_num_seqs %d)",
         name, checkpoint, budget / 2**30, budget // typical, args.max_num_seqs,
     )  # fmt: skip
-    local = args.host in LOCAL_HOSTS
-    allowed = frozenset({*LOCAL_HOSTS, *args.allowed_hosts}) if local and "*" not in args.allowed_hosts else None
-    config = ServerConfig(name, allowed_hosts=allowed, cors_origins=tuple(args.cors_origins), **_fills(args, "server"))
+    # Whatever the bind address (a container binds 0.0.0.0): only these Host names are answered (DNS rebinding).
+    allowed = None if "*" in args.allowed_hosts else frozenset({*LOCAL_HOSTS, *(h.lower() for h in args.allowed_hosts)})
+    server_config = ServerConfig(name, allowed_hosts=allowed, cors_origins=tuple(args.cors_origins),
+                                 **_fills(args, "server"))  # fmt: skip
     state = ServerState()
-    app = create_app(engine, Tokenizer(checkpoint), metrics, config, state)
-    url = f"http://{args.host}:{args.port}"
+    app = create_app(engine, Tokenizer(checkpoint), metrics, server_config, state)
+    url = local_url(args.host, args.port)
     auth = " -H 'Authorization: Bearer $DGSERVE_API_KEY'" if args.api_key else ""
     if args.playground:
         logger.info("playground on %s/", url)
@@ -198,11 +212,20 @@ def _serve(args: argparse.Namespace) -> None:
         "-d '{\"model\": \"%s\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'",
         url, url, auth, name,
     )  # fmt: skip
-    limits = ConnectionLimits(**_fills(args, "limits"), max_body_bytes=config.max_body_bytes)
+    limits = ConnectionLimits(**_fills(args, "limits"), max_body_bytes=server_config.max_body_bytes)
     # ws="none": no WebSocket routes, and an upgrade would take the connection out of the guard's hands.
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5,
                                     http=ConnectionGuard(limits, metrics).protocol, ws="none")  # fmt: skip
-    DrainingServer(uvicorn_config, state, engine, args.drain_timeout).run()
+    server = DrainingServer(uvicorn_config, state, engine, args.drain_timeout, args.url_file)
+    server.run()
+    # Exit without the interpreter's final collection of millions of objects (the tokenizer's, the model's): it took
+    # 1-3.5 s, which a stop grace (Docker's: 10 s) must not spend after the drain. Not started: the port was taken.
+    logging.shutdown()
+    os._exit(0 if server.started else 1)
+
+
+def _device(value: str | None) -> str | None:
+    return None if value in (None, "auto") else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +277,7 @@ SERVE_FLAGS = (
     Flag("api-key", help="require 'Authorization: Bearer KEY'", fills="server"),
     Flag("served-model-name", help="the model id clients use"),
     Flag("dtype", choices=("bfloat16", "float32"), fills="engine"),
-    Flag("device", fills="engine"),
+    Flag("device", "auto", help="auto (CUDA if usable, else the CPU if the model fits its memory), cuda, cuda:1, cpu"),
     Flag("quantization", choices=QUANTIZATION_CHOICES, fills="engine",
          help="quantize a bf16 checkpoint at load (FP8 and NVFP4 checkpoints are detected from their config)"),
     Flag("max-num-seqs", 8, int, fills="engine"),
@@ -276,6 +299,8 @@ SERVE_FLAGS = (
          help="CUDA graphs cover contexts up to this many tokens; longer ones run the compiled step uncaptured"),
     Flag("drain-timeout", 30.0, float,
          help="on SIGTERM, seconds in-flight requests get to finish before they are failed"),
+    Flag("url-file", help="once listening, write the server's local URL (http://127.0.0.1:PORT) to this file (the "
+         "image's health check reads it)"),
     Flag("header-timeout", 5.0, float, fills="limits", group=_LIMITS,
          help="seconds for a request's headers to arrive, from its first byte (or the connection's opening)"),
     Flag("body-timeout", 10.0, float, fills="limits", group=_LIMITS,
@@ -294,7 +319,8 @@ SERVE_FLAGS = (
     Flag("max-connections-per-client", 128, int, fills="limits", group=_LIMITS,
          help="open connections per client IP address at most (0: no such cap, e.g. behind a proxy)"),
     Flag("allowed-hosts", [], _names,
-         help="extra Host names accepted when bound to loopback (comma-separated; '*' = any)"),
+         help="Host names answered besides localhost, 127.0.0.1 and ::1, whatever the bind address "
+         "(comma-separated; '*' = any, which opens the server to DNS rebinding)"),
     Flag("cors-origins", [], _names, help="origins allowed by CORS (comma-separated); CORS is off without them"),
 )  # fmt: skip
 
@@ -345,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--reference", action="store_true", help="exact transformers generate() mode (global RNG)")
     gen.add_argument("--json", action="store_true", help="print one JSON record: token ids, text, usage")
     gen.add_argument("--drafts", action="store_true", help="show the refining canvas after every step (stderr)")
-    gen.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    gen.add_argument("--device", default="auto", help="auto (CUDA if usable, else a CPU it fits), cuda, cpu")
     gen.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bf16 on CUDA, fp32 on CPU")
     gen.add_argument("--quantization", choices=QUANTIZATION_CHOICES, help="quantize a bf16 checkpoint at load")
     _add_sampling_arguments(gen)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -27,10 +29,27 @@ class ServerState:
         return self.started and not self.draining
 
 
+def local_url(host: str, port: int) -> str:
+    """A URL a user on this machine can open: a wildcard bind address is no host to connect to."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: ServerState, engine: AsyncEngine, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState, engine: AsyncEngine, drain_timeout: float,
+                 url_file: str | None = None) -> None:  # fmt: skip
         super().__init__(config)
-        self.state, self.engine, self.drain_timeout = state, engine, drain_timeout
+        self.state, self.engine, self.drain_timeout, self.url_file = state, engine, drain_timeout, url_file
+
+    def _log_started_message(self, listeners: list[socket.socket]) -> None:
+        """Silent: dgserve's own line names a URL to open, where uvicorn's names the bind address (0.0.0.0)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.url_file and self.servers and not self.should_exit:
+            # The port actually bound, so a health check follows `--port` (and port 0) without being told.
+            port = self.servers[0].sockets[0].getsockname()[1]
+            Path(self.url_file).write_text(local_url(self.config.host, port) + "\n")
 
     def handle_exit(self, sig: int, frame: object) -> None:
         if self.state.draining or not self.state.started:

@@ -36,8 +36,13 @@ THIRD_PARTY = {
     "PYTHONUNBUFFERED": "Python: logs reach `docker logs` at once",
 }
 # Interpolated by compose into the file itself (the GPU reservation), never passed to the server.
-COMPOSE_ONLY = {"DGSERVE_GPU"}
+COMPOSE_ONLY = {"DGSERVE_GPU", "DGSERVE_VARIANT"}
 ENGINE_JOIN_SECONDS = 30  # after the drain, the engine thread gets up to this long to stop (server/lifecycle.py)
+DOCKER_STOP_GRACE = 10  # `docker stop` and `docker run` without --stop-timeout: SIGKILL 10 s after SIGTERM
+STOP_MARGIN = 5  # after the drain: fail what is left, stop the engine at a step boundary, close the connections
+# The driver each CUDA version needs (https://docs.nvidia.com/deploy/cuda-compatibility/: 13.x needs 580; 12.8's
+# own driver is 570). Consumer cards have no forward-compatibility package, so this is the floor README must state.
+MIN_DRIVER = {"12.8": 570, "13.0": 580}
 
 
 # ---- Dockerfile ------------------------------------------------------------------------------------------------------
@@ -60,8 +65,22 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     return instructions
 
 
+def dockerfile_stages(instructions: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """Each stage's instructions by its name, a stage built FROM another stage preceded by that one's."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for keyword, arguments in instructions:
+        if keyword == "FROM":
+            base, *_, name = arguments.split()
+            current = list(stages.get(base, []))
+            stages[name] = current
+        elif stages:
+            current.append((keyword, arguments))
+    return stages
+
+
 def dockerfile_env(instructions: list[tuple[str, str]]) -> dict[str, str]:
-    """Every ENV of every stage (a later stage's value wins)."""
+    """Every ENV of these instructions (a later value wins)."""
     env = {}
     for keyword, arguments in instructions:
         if keyword != "ENV":
@@ -286,7 +305,8 @@ def test_compose_keeps_weights_and_caches_on_volumes_and_shuts_down_gracefully()
 def test_dockerfile_is_multi_stage_non_root_and_execs_the_server():
     instructions = dockerfile_instructions(DOCKERFILE.read_text())
     stages = [a.split()[-1] for k, a in instructions if k == "FROM"]
-    assert {"base-cuda", "base-cpu", "build", "runtime"} <= set(stages) and stages[-1] == "runtime"
+    assert {"variant-cuda12", "variant-cuda13", "variant-cpu", "build", "runtime"} <= set(stages)
+    assert stages[-1] == "runtime"
     assert any(k == "ARG" and a.startswith("VARIANT=") for k, a in instructions)
     runtime = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM") :]
 
@@ -310,6 +330,85 @@ def test_dockerfile_is_multi_stage_non_root_and_execs_the_server():
     assert seconds(options["start-period"]) >= 20 * 60
     probe = json.loads(command.removeprefix("CMD").strip())
     assert probe[0] == "python" and "/health" in probe[-1]
+    assert "DGSERVE_URL_FILE" in probe[-1] and env["DGSERVE_URL_FILE"]  # the port the server bound, not DGSERVE_PORT
+
+    # No frontend pulled from Docker Hub: the legacy builder and offline mirrors build the file as it is.
+    assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE.read_text(), re.M)
+
+
+def variant_images() -> dict[str, dict[str, str]]:
+    """Per VARIANT value, the environment its runtime image gets and the torch wheel index it installs from."""
+    instructions = dockerfile_instructions(DOCKERFILE.read_text())
+    stages = dockerfile_stages(instructions)
+    install = next(a for k, a in stages["runtime"] if k == "RUN" and "torch==" in a)
+    wheels = dict(re.findall(r"(\w+)\) wheels=(\w+) ;;", install))
+    images = {}
+    for name in [n.removeprefix("variant-") for n in stages if n.startswith("variant-")]:
+        images[name] = dockerfile_env(stages[f"variant-{name}"] + stages["runtime"]) | {"wheels": wheels[name]}
+    return images
+
+
+def test_the_cuda_images_refuse_to_run_without_a_gpu_and_the_cpu_image_serves_the_demo():
+    images = variant_images()
+    assert set(images) == {"cpu", "cuda12", "cuda13"}
+    for name, env in images.items():
+        gpu = name.startswith("cuda")
+        assert env.get("DGSERVE_DEVICE") == ("cuda" if gpu else None), name  # the CPU image picks the CPU itself
+        assert (env["DGSERVE_MODEL"] == "demo") != gpu, name
+
+
+def test_readme_states_the_driver_each_cuda_image_needs():
+    """README's driver statement and the Dockerfile's torch wheels agree: each CUDA variant installs the cuXY(Z)
+    wheels of the CUDA version README names, and README's driver floor is that version's."""
+    section = README.read_text().split("## Deploy with Docker", 1)[1].split("\n## ", 1)[0]
+    stated = {
+        v: (int(d), c) for v, d, c in re.findall(r"`(cuda\d+)` needs driver (\d+) or newer \(CUDA ([\d.]+)\)", section)
+    }
+    images = {name: env for name, env in variant_images().items() if name != "cpu"}
+    assert set(stated) == set(images), (
+        f"README states drivers for {sorted(stated)}, the Dockerfile builds {sorted(images)}"
+    )
+    for name, env in images.items():
+        driver, cuda = stated[name]
+        assert env["wheels"] == "cu" + cuda.replace(".", ""), (
+            f"{name}: README says CUDA {cuda}, pip gets {env['wheels']}"
+        )
+        assert driver == MIN_DRIVER[cuda], f"{name}: CUDA {cuda} needs driver {MIN_DRIVER[cuda]}, README says {driver}"
+    default = next(
+        a for k, a in dockerfile_instructions(DOCKERFILE.read_text()) if k == "ARG" and a.startswith("VARIANT=")
+    )
+    assert f"`{default.partition('=')[2]}` (the default)" in section
+    oldest = min(driver for driver, _ in stated.values())
+    assert f"an NVIDIA driver of {oldest} or newer" in section  # the requirements line names the lowest floor
+
+
+def test_the_image_pins_the_tested_transformers():
+    tested = re.search(r'"transformers==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)  # the test extra
+    instructions = dockerfile_instructions(DOCKERFILE.read_text())
+    args = dict(a.partition("=")[::2] for k, a in instructions if k == "ARG" and "=" in a)
+    assert args["TRANSFORMERS_VERSION"] == tested
+    install = next(a for k, a in dockerfile_stages(instructions)["runtime"] if k == "RUN" and "-r requirements" in a)
+    assert "transformers==${TRANSFORMERS_VERSION}" in install and "-c constraints.txt" in install
+
+
+def readme_docker_runs() -> list[tuple[float, float]]:
+    """(stop grace, drain) of each `docker run` in README: --stop-timeout or Docker's default, and the
+    DGSERVE_DRAIN_TIMEOUT it passes or the image's."""
+    image = variant_images()["cuda12"]
+    runs = []
+    for command in re.findall(r"docker run [^`\n]*", README.read_text().replace("\\\n", " ")):
+        grace = re.search(r"--stop-timeout[ =](\d+)", command)
+        drain = re.search(r"DGSERVE_DRAIN_TIMEOUT=(\d+)", command)
+        runs.append((float(grace.group(1)) if grace else DOCKER_STOP_GRACE,
+                     float(drain.group(1) if drain else image["DGSERVE_DRAIN_TIMEOUT"])))  # fmt: skip
+    return runs
+
+
+def test_every_docker_run_in_readme_gives_the_drain_its_grace():
+    runs = readme_docker_runs()
+    assert (DOCKER_STOP_GRACE, float(variant_images()["cpu"]["DGSERVE_DRAIN_TIMEOUT"])) in runs  # a plain one
+    for grace, drain in runs:
+        assert drain + STOP_MARGIN <= grace, f"a {drain:.0f} s drain is cut by SIGKILL after {grace:.0f} s"
 
 
 def test_everything_the_dockerfile_copies_is_in_the_build_context():

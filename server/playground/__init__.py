@@ -13,7 +13,8 @@ from fastapi.responses import Response
 ASSETS = {"/": ("index.html", "text/html"), "/playground/app.js": ("app.js", "text/javascript"),
           "/playground/style.css": ("style.css", "text/css"),
           "/favicon.ico": ("favicon.svg", "image/svg+xml")}  # fmt: skip
-PLAYGROUND_PATHS = frozenset(ASSETS)
+CONFIG = "/playground/config.json"  # open, like the page: whether the API wants a key, so the page asks before a 401
+PLAYGROUND_PATHS = frozenset({*ASSETS, CONFIG})
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
 
@@ -30,6 +31,11 @@ def _route(name: str, media_type: str) -> Callable[[], Awaitable[Response]]:
     return asset
 
 
-def add_playground(app: FastAPI) -> None:
+def add_playground(app: FastAPI, auth_required: bool) -> None:
     for path, (name, media_type) in ASSETS.items():
         app.add_api_route(path, _route(name, media_type), methods=["GET"], include_in_schema=False)
+
+    async def config() -> dict[str, bool]:
+        return {"auth_required": auth_required}
+
+    app.add_api_route(CONFIG, config, methods=["GET"], include_in_schema=False)

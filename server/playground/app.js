@@ -25,6 +25,13 @@ function el(tag, className, text) {
 }
 
 async function connect() {
+  // Ask the open config first: a server that wants a key gets none of our requests until there is one (no 401).
+  const { auth_required: needsKey } = await (await fetch("/playground/config.json")).json();
+  if (needsKey && !apiKey) {
+    $("key-panel").hidden = false;
+    $("api-key").focus();
+    return;
+  }
   const response = await fetch("/v1/models", { headers: headers() });
   if (response.status === 401) {
     $("key-panel").hidden = false;
@@ -44,11 +51,15 @@ async function connect() {
   setMode();
 }
 
-function saveKey() {
+function takeKey() {
   apiKey = $("api-key").value.trim();
   sessionStorage.removeItem(KEY);
   localStorage.removeItem(KEY);
   ($("remember-key").checked ? localStorage : sessionStorage).setItem(KEY, apiKey);
+}
+
+function saveKey() {
+  takeKey();
   connect().catch(showError);
 }
 
@@ -157,6 +168,10 @@ async function send(event) {
   event.preventDefault();
   const text = $("prompt").value;
   if (!text.trim() || controller) return;
+  const typed = $("api-key").value.trim();
+  if (typed && typed !== apiKey) takeKey(); // Send uses the key in the field, "Use key" clicked or not
+  if (!model) await connect().catch(showError);
+  if (!model) return; // still no accepted key: the key panel says so
   const [url, body] = requestBody(text);
   addTurn("user", text);
   $("prompt").value = "";

@@ -42,10 +42,12 @@ def test_refuses_a_model_that_does_not_fit_naming_the_formats_that_would(tiny_ch
 
     with pytest.raises(InsufficientMemoryError, match="No format fits"):
         check_memory(engine_config, config, kv)
-    check_memory(EngineConfig(str(tiny_checkpoint), device="cpu"), config, 0)  # CPUs commit memory as it is used
+    with pytest.raises(InsufficientMemoryError, match="does not fit in CPU memory: float32 weights"):
+        check_memory(EngineConfig(str(tiny_checkpoint), device="cpu"), config, 0)  # CPUs are checked too
 
 
 def test_the_engine_checks_before_loading(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU, too small
     monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: 4096)
     monkeypatch.setattr(engine_module, "load_model", lambda *a, **k: pytest.fail("loaded before the memory check"))
     with pytest.raises(InsufficientMemoryError, match="does not fit on cuda"):

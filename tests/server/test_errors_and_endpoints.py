@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -108,6 +109,10 @@ def test_tokenize_detokenize_and_tokenizer_info(server):
     assert info["vocab_size"] == 2048 and "chat_template" in info
 
 
+def anonymous_post(server, path: str, body: dict, headers: dict[str, str]) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=30)
+
+
 def test_api_key_protects_everything_but_health_ready_metrics(tiny_checkpoint, tmp_path):
     log = tmp_path / "auth.log"
     server = start_server(tiny_checkpoint, log, api_key=API_KEY)
@@ -122,6 +127,16 @@ def test_api_key_protects_everything_but_health_ready_metrics(tiny_checkpoint, t
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0).models.list()
         assert [m.id for m in server.client().models.list()] == ["tiny"]
+        count = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]}
+        for headers in ({"x-api-key": API_KEY}, {"Authorization": f"Bearer {API_KEY}"}):  # Anthropic's and ours
+            assert anonymous_post(server, "/v1/messages/count_tokens", count, headers).status_code == 200
+        for headers in ({}, {"x-api-key": "nope"}):
+            refused = anonymous_post(server, "/v1/messages/count_tokens", count, headers)
+            assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+        with pytest.raises(anthropic.AuthenticationError):
+            anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0).messages.count_tokens(**count)
+        claude = anthropic.Anthropic(base_url=server.url, api_key=API_KEY, max_retries=0)
+        assert claude.messages.count_tokens(**count).input_tokens > 0
     finally:
         stop_server(server)
     assert API_KEY not in log.read_text()
