@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from engine.config import EngineConfig
 from engine.constraint import NUM_CANDIDATES, Constraint
@@ -137,7 +138,14 @@ class Engine:
             ]  # fmt: skip
             candidates = self.runner.candidates(constrained, NUM_CANDIDATES) if constrained else []
             by_id = {seq.request_id: c for seq, c in zip(constrained, candidates, strict=True)}
-            events.extend(self.scheduler.after_step(batch.denoise, argmax, stopped, prefixes, by_id))
+            # Where each block that wants logprobs starts: the scheduler moves `streamed` and may release the slot.
+            scored = {
+                s.request_id: (s.slot, s.streamed, s.params.logprobs)
+                for s in batch.denoise
+                if s.params.logprobs is not None
+            }
+            committed = self.scheduler.after_step(batch.denoise, argmax, stopped, prefixes, by_id)
+            events.extend(self._with_logprobs(committed, scored) if scored else committed)
         stats = StepStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -149,6 +157,22 @@ class Engine:
             kv_bytes_used=self.scheduler.budget.used_bytes,
         )
         return events, stats
+
+    def _with_logprobs(self, events: list[EngineEvent], scored: dict[str, tuple[int, int, int]]) -> list[EngineEvent]:
+        """`events` with logprobs on the blocks of the requests in `scored` (slot and first canvas position before
+        the step's commits, and k), scored at the step that committed them: their tokens, then any stop token."""
+        blocks = {e.request_id: e for e in events if isinstance(e, BlockCommitted) and e.request_id in scored}
+        if not blocks:
+            return events
+        scores = self.runner.logprobs(
+            [
+                (slot, start, e.token_ids + ([] if e.stop_token_id is None else [e.stop_token_id]), k)
+                for e in blocks.values()
+                for slot, start, k in [scored[e.request_id]]
+            ]
+        )
+        done = {rid: replace(e, logprobs=s) for (rid, e), s in zip(blocks.items(), scores, strict=True)}
+        return [done.get(e.request_id, e) if isinstance(e, BlockCommitted) else e for e in events]
 
     def generate(self, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[EngineEvent]]:
         """Run requests to completion offline; returns each request's events in order."""

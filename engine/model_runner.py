@@ -29,7 +29,8 @@ from engine.kv_cache import (
     page_table,
     reference_decoder_attention,
 )
-from engine.sampler import StepResult, fast_step, reference_step, schedule_temperature
+from engine.request import Logprob
+from engine.sampler import StepResult, fast_step, merge_top_k, reference_step, schedule_temperature, token_logprobs
 from engine.sequence import Sequence
 from models.config import ModelConfig
 from models.diffusion_gemma import DiffusionGemma
@@ -227,15 +228,24 @@ class ModelRunner:
         hidden = self.last_hidden[torch.tensor([s.slot for s in seqs], device=self.device)].flatten(0, 1)
         weight = self.model.embed_tokens.weight
         chunk = self.engine_config.sampler_chunk
-        best_values = best_ids = None
+        best = None
         for start in range(0, weight.shape[0], chunk):
             values, ids = torch.topk(F.linear(hidden, weight[start : start + chunk]).float(), k, dim=-1)
-            ids += start
-            if best_values is not None:
-                values, picked = torch.topk(torch.cat([best_values, values], -1), k, dim=-1)
-                ids = torch.cat([best_ids, ids], -1).gather(-1, picked)
-            best_values, best_ids = values, ids
-        return best_ids.view(len(seqs), self.config.canvas_length, k).cpu().tolist()
+            best = merge_top_k(best, values, ids.add_(start), k)
+        return best[1].view(len(seqs), self.config.canvas_length, k).cpu().tolist()
+
+    @torch.inference_mode()
+    def logprobs(self, blocks: list[tuple[int, int, list[int], int]]) -> list[tuple[Logprob, ...]]:
+        """Score committed tokens at the last step: for each (slot, first canvas position, token ids, k) the tokens'
+        logprobs with k alternatives each (sampler.token_logprobs). Only rows that asked pay, once per block they
+        commit; one device-to-host copy."""
+        hidden = torch.cat([self.last_hidden[slot, start : start + len(ids)] for slot, start, ids, _ in blocks])
+        tokens = torch.tensor([t for *_, ids, _ in blocks for t in ids], device=self.device)
+        widest = max(k for *_, k in blocks)
+        chosen, values, top = token_logprobs(self.model, hidden, tokens, widest, self.engine_config.sampler_chunk)
+        # fp64 holds every id exactly, so one copy carries all three.
+        rows = iter(torch.cat([x.double() for x in (chosen[:, None], values, top)], 1).cpu().tolist())
+        return [tuple(_logprob(t, next(rows), widest, k) for t in ids) for *_, ids, k in blocks]
 
     def _update(self, result: StepResult, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Store the step in the canvas state; returns [rows, C + 2]: each row's argmax canvas, its stop flag and
@@ -283,6 +293,11 @@ class ModelRunner:
         inputs = {name: torch.tensor(columns[name], dtype=dtype) for name, dtype in _STEP_INPUTS.items()}
         inputs["table"] = torch.tensor(page_table(rows, pages))
         return inputs
+
+
+def _logprob(token: int, row: list[float], widest: int, k: int) -> Logprob:
+    """A token's entry from its row of `logprobs`' copy: its logprob, `widest` top logprobs, then their ids."""
+    return Logprob(token, row[0], tuple(zip(map(int, row[1 + widest : 1 + widest + k]), row[1 : 1 + k], strict=True)))
 
 
 _STEP_INPUTS = {

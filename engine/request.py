@@ -23,6 +23,9 @@ _DEFAULTS = {
 }
 
 
+MAX_LOGPROBS = 20  # alternatives per token at most, as OpenAI's top_logprobs
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Per-request settings; None means the checkpoint's generation_config value (spec 6.1)."""
@@ -43,6 +46,7 @@ class SamplingParams:
     stream_prefix: bool = False
     settle_steps: int = 3
     settle_entropy: float = 0.05
+    logprobs: int | None = None  # None: none; k: each committed token's logprob and its k most likely alternatives
 
     def resolve(self, defaults: GenerationDefaults, max_model_len: int, prompt_len: int) -> SamplingParams:
         """Fill unset fields from the checkpoint's defaults and check every value; raises InvalidRequestError
@@ -65,6 +69,10 @@ class SamplingParams:
             (p.seed is None or 0 <= p.seed < 2**63, f"seed must be in [0, 2**63), got {p.seed}"),
             (p.settle_steps >= 1, f"settle_steps must be >= 1, got {p.settle_steps}"),
             (p.settle_entropy > 0, f"settle_entropy must be > 0, got {p.settle_entropy}"),
+            (
+                p.logprobs is None or 0 <= p.logprobs <= MAX_LOGPROBS,
+                f"logprobs must be in [0, {MAX_LOGPROBS}], got {p.logprobs}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -169,15 +177,32 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class Logprob:
+    """A committed token's log-probability under the raw model distribution (log_softmax of the softcapped logits,
+    temperature 1) that its canvas position had at the step that committed it, and the `top` most likely ids there
+    with theirs, best first (README "Logprobs")."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class BlockCommitted:
     """Output tokens ready to stream: a finished canvas (cut at a stop token or max_tokens), or with `partial` the
     newly settled prefix of a canvas still denoising (stream_prefix). Nothing sent is ever taken back: a canvas's
-    final block carries only what its partial blocks did not."""
+    final block carries only what its partial blocks did not.
+
+    `stop_token_id` is the stop token that ends the reply right after these tokens: not output, but counted in
+    usage. With SamplingParams.logprobs, `logprobs` has one entry per token and then one for that stop token (a
+    block may then hold no tokens and only the stop token's entry)."""
 
     request_id: str
     token_ids: list[int]
     num_denoise_steps: int
     partial: bool = False
+    stop_token_id: int | None = None
+    logprobs: tuple[Logprob, ...] | None = None
     time: float = field(default_factory=time.monotonic)
 
 

@@ -26,6 +26,9 @@ Tokens are a function of (logits, key, vocab_chunk): a seeded request gets the s
 wherever the forward is batch-invariant (CPU). Rows never read each other's noise, on any device.
 
 `reference_step` repeats transformers' generate() op for op on the global generator (spec 6.3), for one row.
+
+`token_logprobs` scores committed tokens after the step that committed them, for the rows that ask only: outside
+the compiled step, so that rows without logprobs pay nothing (README "Logprobs").
 """
 
 from __future__ import annotations
@@ -154,6 +157,50 @@ def fast_step(
     soft_embeds = (soft / sum_exp).view(rows, length, width).to(weight.dtype)
     soft_embeds = soft_embeds * model.embed_scale.to(weight.dtype)
     return StepResult(next_canvas, best_id, entropy, mean_entropy, soft_embeds)
+
+
+@torch.inference_mode()
+def token_logprobs(
+    model: DiffusionGemma,
+    hidden: torch.Tensor,  # [M, H] final-normed decoder output at the committed positions
+    tokens: torch.Tensor,  # [M] int64, the token committed at each
+    k: int,
+    vocab_chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log_softmax of the raw model distribution (softcapped logits, temperature 1) at each row: [M] the logprob of
+    `tokens`, and [M, k] the k largest logprobs, best first, with [M, k] their ids.
+
+    One pass over vocabulary chunks, nothing [M, V]: the logits are softcapped into [-cap, cap], so the log-sum-exp
+    needs no running max (exp(z - cap) >= exp(-2 cap) stays normal in fp32), and the top-k is a running merge.
+    """
+    cap = model.config.final_logit_softcapping
+    vocab = model.embed_tokens.weight.shape[0]
+    sum_exp = torch.zeros(tokens.shape[0], 1, device=hidden.device)
+    chosen = torch.zeros_like(sum_exp)
+    best = None
+    for start in range(0, vocab, vocab_chunk):
+        z = model.logits(hidden, start, min(start + vocab_chunk, vocab))  # [M, Vc] fp32 in [-cap, cap]
+        local = (tokens - start)[:, None]
+        inside = (local >= 0) & (local < z.shape[1])
+        chosen = torch.where(inside, z.gather(1, local.clamp(0, z.shape[1] - 1)), chosen)
+        if k:
+            values, ids = torch.topk(z, min(k, z.shape[1]), dim=-1)
+            best = merge_top_k(best, values, ids.add_(start), k)
+        sum_exp += torch.exp(z - cap).sum(-1, keepdim=True)
+    lse = torch.log(sum_exp) + cap
+    if best is None:  # k = 0: [M, 0]
+        best = (sum_exp[:, :0], tokens[:, None][:, :0])
+    return (chosen - lse)[:, 0], best[0] - lse, best[1]
+
+
+def merge_top_k(
+    best: tuple[torch.Tensor, torch.Tensor] | None, values: torch.Tensor, ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of a running top-k `best` and a chunk's top-k (values [M, k'], global ids [M, k']), best first."""
+    if best is None:
+        return values, ids
+    values, picked = torch.topk(torch.cat([best[0], values], -1), min(k, best[0].shape[1] + values.shape[1]), dim=-1)
+    return values, torch.cat([best[1], ids], -1).gather(-1, picked)
 
 
 _BLOCK = 64  # the most ids per block of a chunk: the two draws inside a chunk search chunk / 64 and 64 values

@@ -150,9 +150,10 @@ class Scheduler:
         stop_ids = set(seq.params.stop_token_ids)
         stop_at = next((i for i, t in enumerate(window) if t in stop_ids), None)
         kept = window if stop_at is None else window[:stop_at]
+        stop = None if stop_at is None else window[stop_at]
         events: list[EngineEvent] = []
-        if kept[seq.streamed :]:
-            events.append(BlockCommitted(seq.request_id, kept[seq.streamed :], seq.canvas_steps))
+        if kept[seq.streamed :] or (stop is not None and seq.params.logprobs is not None):  # the stop token's entry
+            events.append(BlockCommitted(seq.request_id, kept[seq.streamed :], seq.canvas_steps, stop_token_id=stop))
         seq.num_output_tokens += len(kept)
         seq.streamed = 0  # counted in num_output_tokens now
         seq.num_canvases += 1

@@ -4,10 +4,13 @@ tool-call deltas."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+from engine.request import Logprob
 from server.completions import CompletionsApi, check_common, sampling
 from server.errors import OpenAIError
+from server.logprobs import TokenPieces, chat_content, entries_of
 from server.protocol import ChatCompletionRequest, InvalidParameter
 from server.serving import Choice, Job, Serving, Update
 from server.structured import GrammarError, check_tools, tool_choice
@@ -16,9 +19,14 @@ from server.structured import GrammarError, check_tools, tool_choice
 class ChatApi(CompletionsApi):
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, body: ChatCompletionRequest, model_name: str) -> None:
-        super().__init__(body, model_name)
+    def __init__(self, body: ChatCompletionRequest, model_name: str, pieces: TokenPieces) -> None:
+        super().__init__(body, model_name, pieces)
         self._started: set[int] = set()  # choices whose role chunk went out
+
+    def _logprobs(self, c: Choice, entries: Iterable[Logprob]) -> dict[str, Any] | None:
+        if c.params.logprobs is None:
+            return None
+        return {"content": chat_content(self.pieces, entries), "refusal": None}
 
     def choice(self, c: Choice) -> dict[str, Any]:
         content = "".join(c.content)
@@ -28,16 +36,18 @@ class ChatApi(CompletionsApi):
             message["reasoning_content"] = reasoning
         if c.tool_calls:
             message["tool_calls"] = [call.openai() for call in c.tool_calls]
-        return {"index": c.index, "message": message, "logprobs": None, "finish_reason": c.finish_reason}
+        return {"index": c.index, "message": message, "logprobs": self._logprobs(c, c.logprobs),
+                "finish_reason": c.finish_reason}  # fmt: skip
 
     def chunk_choice(self, c: Choice, update: Update | None) -> dict[str, Any] | None:
         delta: dict[str, Any] = {}
+        entries = entries_of(update.event) if update is not None else ()
         if c.index not in self._started:  # the first chunk of a choice carries its role, even when empty
             self._started.add(c.index)
             delta = {"role": "assistant", "content": ""}
         elif update is None:
             return {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
-        elif not (update.content or update.reasoning or update.tool_calls):
+        elif not (update.content or update.reasoning or update.tool_calls or entries):
             return None
         if update is not None:
             if update.content:
@@ -47,7 +57,7 @@ class ChatApi(CompletionsApi):
             if calls := update.tool_calls:
                 first = len(c.tool_calls) - len(calls)
                 delta["tool_calls"] = [call.openai(first + i) for i, call in enumerate(calls)]
-        return {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
+        return {"index": c.index, "delta": delta, "logprobs": self._logprobs(c, entries), "finish_reason": None}
 
 
 def chat_job(serving: Serving, body: ChatCompletionRequest, request_id: str) -> Job:
@@ -65,6 +75,6 @@ def chat_job(serving: Serving, body: ChatCompletionRequest, request_id: str) -> 
         raise OpenAIError(400, str(exc), "invalid_request", exc.param) from None
     offered = body.tools if tools and body.tool_choice != "none" else None
     ids = serving.chat_prompt_ids(messages, body.enable_thinking, offered)
-    return serving.job(request_id, ChatApi(body, serving.model_name), sampling(body), [ids],
+    return serving.job(request_id, ChatApi(body, serving.model_name, serving.token_pieces), sampling(body), [ids],
                        body.requested_max_tokens, "messages", stream=body.stream, n=body.n, grammar=grammar,
                        tool_calls=bool(offered))  # fmt: skip

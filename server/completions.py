@@ -9,7 +9,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from server.errors import OpenAIError, error_body
-from server.protocol import CompletionRequest, InvalidParameter, SamplingFields, UnsupportedParameter
+from server.logprobs import TokenPieces, completion_logprobs, entries_of
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    InvalidParameter,
+    SamplingFields,
+    UnsupportedParameter,
+)
 from server.serving import Choice, Job, Sampling, Serving, Sse, Update
 from server.structured import GrammarError
 
@@ -27,28 +34,39 @@ def check_common(serving: Serving, body: SamplingFields) -> None:
         logger.warning("ignoring request fields outside the OpenAI schema: %s", ", ".join(ignored))
 
 
-def sampling(body: SamplingFields) -> Sampling:
-    return Sampling(body.temperature, body.seed, tuple(body.stop_strings), body.ignore_eos, body.diffusion)
+def sampling(body: CompletionRequest | ChatCompletionRequest) -> Sampling:
+    return Sampling(body.temperature, body.seed, tuple(body.stop_strings), body.ignore_eos, body.diffusion,
+                    body.num_logprobs)  # fmt: skip
 
 
 class CompletionsApi:
-    """Choices as `text`; streamed, one chunk per update with text, then one with the finish reason."""
+    """Choices as `text` with the legacy logprobs object; streamed, one chunk per update with text or logprobs, then
+    one with the finish reason."""
 
     object, chunk_object = "text_completion", "text_completion"
 
-    def __init__(self, body: SamplingFields, model_name: str) -> None:
-        self.options, self.model_name = body.stream_options, model_name
+    def __init__(self, body: SamplingFields, model_name: str, pieces: TokenPieces) -> None:
+        self.options, self.model_name, self.pieces = body.stream_options, model_name, pieces
+        self._offsets: dict[int, int] = {}  # per choice: characters its streamed tokens spell (text_offset)
 
     def choice(self, c: Choice) -> dict[str, Any]:
-        return {"index": c.index, "text": "".join(c.content), "logprobs": None, "finish_reason": c.finish_reason}
+        logprobs = completion_logprobs(self.pieces, c.logprobs, 0) if c.params.logprobs is not None else None
+        return {"index": c.index, "text": "".join(c.content), "logprobs": logprobs, "finish_reason": c.finish_reason}
 
     def chunk_choice(self, c: Choice, update: Update | None) -> dict[str, Any] | None:
-        """The chunk for an update's text (None: nothing to send), or for the finish reason when update is None."""
+        """The chunk for an update's text and logprobs (None: nothing to send), or for the finish reason when update
+        is None."""
         if update is None:
             return {"index": c.index, "text": "", "logprobs": None, "finish_reason": c.finish_reason}
-        if not update.content:
+        entries = entries_of(update.event)
+        if not (update.content or entries):
             return None
-        return {"index": c.index, "text": update.content, "logprobs": None, "finish_reason": None}
+        logprobs = None
+        if c.params.logprobs is not None:
+            offset = self._offsets.get(c.index, 0)
+            logprobs = completion_logprobs(self.pieces, entries, offset)
+            self._offsets[c.index] = offset + sum(map(len, logprobs["tokens"]))
+        return {"index": c.index, "text": update.content, "logprobs": logprobs, "finish_reason": None}
 
     def body(self, job: Job) -> dict[str, Any]:
         choices = [self.choice(c) for c in sorted(job.choices, key=lambda c: c.index)]
@@ -105,5 +123,6 @@ def completion_job(serving: Serving, body: CompletionRequest, request_id: str) -
     canvas, max_tokens = None, body.max_tokens
     if body.suffix:
         canvas, max_tokens = serving.infill(body.suffix, max_tokens)
-    return serving.job(request_id, CompletionsApi(body, serving.model_name), sampling(body), prompts, max_tokens,
+    api = CompletionsApi(body, serving.model_name, serving.token_pieces)
+    return serving.job(request_id, api, sampling(body), prompts, max_tokens,
                        "prompt", stream=body.stream, n=body.n, split=False, grammar=grammar, canvas=canvas)  # fmt: skip

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 from pydantic_core import PydanticCustomError
 
+from engine.request import MAX_LOGPROBS
 from server.tools import json_arguments
 
 # Caps that real clients pass (evaluation harnesses send 5-6 stop strings and lists of prompts) while bounding work.
@@ -20,6 +21,7 @@ MAX_PROMPTS = 256
 MAX_CHOICES = 256  # prompts x n: every choice is an engine sequence, admitted at once
 MAX_MESSAGES = 2048
 INT64_MAX = 2**63 - 1
+MAX_COMPLETION_LOGPROBS = 5  # the legacy API's cap, as OpenAI's
 
 
 def _json_number(value: Any) -> Any:
@@ -198,7 +200,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: Annotated[Int, Field(ge=1)] | None = 16
     suffix: str | None = None
     echo: StrictBool = False
-    logprobs: Int | None = None
+    logprobs: Annotated[Int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None  # alternatives per token
     best_of: Int | None = None
 
     @model_validator(mode="after")
@@ -214,12 +216,15 @@ class CompletionRequest(SamplingFields):
             raise UnsupportedParameter("suffix", "suffix cannot be combined with response_format")
         if self.suffix and self.diffusion and self.diffusion.canvas is not None:
             raise UnsupportedParameter("suffix", "suffix cannot be combined with diffusion.canvas: both set the canvas")
-        if self.echo:
-            raise UnsupportedParameter("echo", "echo is not supported yet")
-        if self.logprobs is not None:
-            raise UnsupportedParameter("logprobs", "logprobs are not supported by diffusion sampling yet")
+        if self.echo:  # with logprobs it would ask for prompt logprobs, which a diffusion model does not define
+            raise UnsupportedParameter("echo", "echo is not supported (nor prompt logprobs with it)")
         if self.best_of not in (None, 1):
             raise UnsupportedParameter("best_of", "best_of > 1 is not supported")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: alternatives per token, None for no logprobs."""
+        return self.logprobs
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -262,13 +267,19 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: Annotated[Int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: Int | None = None
+    top_logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[Any] | None = None  # checked in server/structured.py, which names the exact parameter
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool = True
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidParameter("top_logprobs", "top_logprobs requires logprobs: true")
+        return self
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -281,12 +292,15 @@ class ChatCompletionRequest(SamplingFields):
                         raise UnsupportedParameter(
                             f"messages[{i}].content", f"content parts of type {part.type!r} are not supported yet"
                         )
-        if self.logprobs or self.top_logprobs:
-            raise UnsupportedParameter("logprobs", "logprobs are not supported by diffusion sampling yet")
         if self.response_format and self.tool_choice not in (None, "none", "auto"):
             raise UnsupportedParameter("response_format", "response_format cannot be combined with a forced tool call")
         if self.audio is not None or (self.modalities and set(self.modalities) != {"text"}):
             raise UnsupportedParameter("modalities", "only text output is supported")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: alternatives per token, None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:

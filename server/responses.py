@@ -19,7 +19,9 @@ from typing import Annotated, Any
 
 from pydantic import Field, StrictBool
 
+from engine.request import MAX_LOGPROBS, Logprob
 from server.errors import OpenAIError
+from server.logprobs import TokenPieces, chat_content, entries_of
 from server.protocol import INT64_MAX, MAX_MESSAGES, DiffusionOptions, Float, Int, InvalidParameter, OpenAIModel
 from server.serving import Choice, Job, Sampling, Serving, Sse, Update
 from server.structured import GrammarError, check_tools, tool_choice
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 STORE_MAX_RESPONSES = 1024
 STORE_MAX_BYTES = 64 * 2**20
 MAX_METADATA_KEYS = 16
+OUTPUT_LOGPROBS = "message.output_text.logprobs"  # the one `include` served
 
 
 class ResponsesRequest(OpenAIModel):
@@ -43,8 +46,8 @@ class ResponsesRequest(OpenAIModel):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool = True
     text: dict[str, Any] | None = None  # {"format": ...}: checked like chat's response_format
-    include: list[str] | None = None
-    top_logprobs: Int | None = None
+    include: list[str] | None = None  # only OUTPUT_LOGPROBS
+    top_logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     metadata: dict[str, str] | None = None
     store: StrictBool = True
     background: StrictBool = False
@@ -58,12 +61,19 @@ class ResponsesRequest(OpenAIModel):
     seed: Annotated[Int, Field(ge=0, le=INT64_MAX)] | None = None
     diffusion: DiffusionOptions | None = None
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: top_logprobs alternatives when the output text's logprobs are included."""
+        return (self.top_logprobs or 0) if OUTPUT_LOGPROBS in (self.include or ()) else None
+
     def refuse_unsupported(self) -> None:
         refusals = {
             "background": (self.background, "background responses are not supported; leave background false"),
             "top_p": (self.top_p not in (None, 1.0), "top_p is not supported by diffusion sampling; use temperature"),
-            "include": (bool(self.include), "include (logprobs, encrypted reasoning, ...) is not supported yet"),
-            "top_logprobs": (bool(self.top_logprobs), "top_logprobs are not supported yet"),
+            "include": (
+                bool(set(self.include or ()) - {OUTPUT_LOGPROBS}),
+                f"include supports only {OUTPUT_LOGPROBS!r} (encrypted reasoning, search results, ... are not served)",
+            ),
             "conversation": (
                 self.conversation is not None,
                 "conversations are not supported; use previous_response_id",
@@ -126,8 +136,9 @@ class ResponsesApi:
     """One response: its output items, built from the choice's updates, and OpenAI's stream event grammar."""
 
     def __init__(self, body: ResponsesRequest, model_name: str, store: ResponseStore,
-                 messages: list[dict[str, Any]], text_format: dict[str, Any]) -> None:  # fmt: skip
-        self.request, self.model_name, self.store = body, model_name, store
+                 messages: list[dict[str, Any]], text_format: dict[str, Any], pieces: TokenPieces) -> None:  # fmt: skip
+        self.request, self.model_name, self.store, self.pieces = body, model_name, store, pieces
+        self.logprobs = body.num_logprobs is not None  # output_text parts carry their tokens' entries
         self.messages = messages  # the conversation this reply continues, for the store
         self.text_format = text_format
         self.id = f"resp_{uuid.uuid4().hex}"
@@ -166,8 +177,11 @@ class ResponsesApi:
     def _status(choice: Choice) -> str:
         return "incomplete" if choice.finish_reason == "length" else "completed"
 
-    def _message(self, text: str, status: str) -> dict[str, Any]:
-        content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+    def _logprobs(self, entries: Iterable[Logprob]) -> list[dict[str, Any]]:
+        return chat_content(self.pieces, entries) if self.logprobs else []
+
+    def _message(self, text: str, status: str, entries: Iterable[Logprob] = ()) -> dict[str, Any]:
+        content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": self._logprobs(entries)}]
         return {"id": self._message_id, "type": "message", "role": "assistant", "status": status, "content": content}
 
     @staticmethod
@@ -177,7 +191,7 @@ class ResponsesApi:
 
     def _output(self, choice: Choice) -> list[dict[str, Any]]:
         text = "".join(choice.content)
-        message = [self._message(text, self._status(choice))] if text or not choice.tool_calls else []
+        message = [self._message(text, self._status(choice), choice.logprobs)] if text or not choice.tool_calls else []
         return message + [self._call(call) for call in choice.tool_calls]
 
     def _finish(self, job: Job, output: list[dict[str, Any]]) -> dict[str, Any]:
@@ -215,18 +229,20 @@ class ResponsesApi:
     def _close_message(self, choice: Choice) -> Iterable[Sse]:
         self._message_open = False
         text, at = "".join(choice.content), {"item_id": self._message_id, "output_index": len(self._items)}
-        yield self._event("response.output_text.done", **at, content_index=0, text=text, logprobs=[])
-        message = self._message(text, self._status(choice))
+        message = self._message(text, self._status(choice), choice.logprobs)
+        logprobs = message["content"][0]["logprobs"]
+        yield self._event("response.output_text.done", **at, content_index=0, text=text, logprobs=logprobs)
         yield self._event("response.content_part.done", **at, content_index=0, part=message["content"][0])
         yield self._event("response.output_item.done", output_index=len(self._items), item=message)
         self._items.append(message)
 
     def update(self, job: Job, choice: Choice, update: Update) -> Iterable[Sse]:
-        if update.content:
+        entries = entries_of(update.event)
+        if update.content or (entries and self._message_open):  # a delta carries its tokens' entries
             if not self._message_open:
                 yield from self._open_message()
             yield self._event("response.output_text.delta", item_id=self._message_id, output_index=len(self._items),
-                              content_index=0, delta=update.content, logprobs=[])  # fmt: skip
+                              content_index=0, delta=update.content, logprobs=self._logprobs(entries))  # fmt: skip
         if update.tool_calls and self._message_open:
             yield from self._close_message(choice)
         for call in update.tool_calls:
@@ -384,7 +400,7 @@ def responses_job(serving: Serving, store: ResponseStore, body: ResponsesRequest
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     offered = chat_tools if tools and body.tool_choice != "none" else None
     ids = serving.chat_prompt_ids([*system, *messages], False, offered, "input")
-    api = ResponsesApi(body, serving.model_name, store, messages, echoed)
-    sampling = Sampling(body.temperature, body.seed, diffusion=body.diffusion)
+    api = ResponsesApi(body, serving.model_name, store, messages, echoed, serving.token_pieces)
+    sampling = Sampling(body.temperature, body.seed, diffusion=body.diffusion, logprobs=body.num_logprobs)
     return serving.job(api.id, api, sampling, [ids], body.max_output_tokens, "input", stream=body.stream,
                        grammar=grammar, tool_calls=bool(offered))  # fmt: skip

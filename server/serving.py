@@ -33,11 +33,13 @@ from engine.request import (
     Failed,
     Finished,
     InvalidRequestError,
+    Logprob,
     QueueFullError,
     SamplingParams,
 )
 from server.drafts import TokenDrafts
 from server.errors import OpenAIError
+from server.logprobs import TokenPieces
 from server.metrics import Metrics
 from server.protocol import DiffusionOptions
 from server.structured import Grammars
@@ -58,6 +60,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     diffusion: DiffusionOptions | None = None
+    logprobs: int | None = None  # alternatives per token; None: no logprobs
 
 
 @dataclass(slots=True)
@@ -76,6 +79,7 @@ class Choice:
     reasoning: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None  # stop, length, tool_calls (or an engine reason)
+    logprobs: list[Logprob] = field(default_factory=list)  # every entry so far, when params.logprobs is set
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +149,7 @@ class Serving:
         self.max_model_len, self.vocab_size = engine.info.max_model_len, engine.info.vocab_size
         self.canvas_length = engine.info.canvas_length
         self._pieces: dict[int, str] = {}  # token id -> its text, for token drafts
+        self.token_pieces = TokenPieces(tokenizer)  # token id -> its text and bytes, for the translators' logprobs
 
     # --- request -> job ---------------------------------------------------------------------------------------------
 
@@ -235,6 +240,7 @@ class Serving:
             seed=None if s.seed is None else (s.seed + sample) % 2**63,  # n samples must differ
             stream_drafts=bool(d and d.stream_drafts),
             stream_prefix=self.stream_prefix if d is None or d.stream_prefix is None else d.stream_prefix,
+            logprobs=s.logprobs,
             **settle,
         )
 
@@ -305,6 +311,7 @@ class Serving:
                 self.metrics.steps_per_canvas.observe(event.num_denoise_steps)
             self.metrics.generation_tokens.inc(len(event.token_ids))
             choice.completion_tokens += len(event.token_ids)
+            choice.logprobs.extend(event.logprobs or ())
             delta = choice.text.push(event.token_ids)
             if delta.stopped:
                 choice.finish_reason = "stop"

@@ -248,9 +248,9 @@ REFUSED = [
     # the rest of §4.3: best_of (CVE-2024-8939), logprobs, huge logit_bias and messages, tool and JSON schemas
     # (CVE-2025-48942/48943/48944), remote image URLs (SSRF), penalties at their extremes (CVE-2026-44223)
     case(C, comp(best_of=10**6), "unsupported_parameter", "best_of", id="best_of-1e6"),
-    case(C, comp(logprobs=10**6), "unsupported_parameter", "logprobs", id="logprobs-1e6"),
-    case(C, comp(logprobs=-1), "unsupported_parameter", "logprobs", id="logprobs-negative"),
-    case(CH, chat(logprobs=True, top_logprobs=10**6), "unsupported_parameter", "logprobs", id="top_logprobs-1e6"),
+    case(C, comp(logprobs=10**6), "invalid_request", "logprobs", id="logprobs-1e6"),
+    case(C, comp(logprobs=-1), "invalid_request", "logprobs", id="logprobs-negative"),
+    case(CH, chat(logprobs=True, top_logprobs=10**6), "invalid_request", "top_logprobs", id="top_logprobs-1e6"),
     case(C, comp(logit_bias={str(i): 1 for i in range(100_000)}), "unsupported_parameter", "logit_bias",
          id="logit_bias-100k-keys"),
     case(C, comp(logit_bias={"abc": "x"}), "invalid_request", "logit_bias.abc", id="logit_bias-non-numeric"),

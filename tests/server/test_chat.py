@@ -60,7 +60,6 @@ def test_thinking_on_changes_the_prompt(client):
     "extra, param",
     [
         ({"response_format": {"type": "xml"}}, "response_format.type"),
-        ({"logprobs": True}, "logprobs"),
         ({"top_p": 0.5}, "top_p"),
         ({"top_k": 5}, "top_k"),
     ],

@@ -92,7 +92,6 @@ def test_stop_string_cuts_the_text_exactly(client):
     "field, value, param",
     [
         ("echo", True, "echo"),
-        ("logprobs", 1, "logprobs"),
         ("best_of", 2, "best_of"),
         ("logit_bias", {"5": 10}, "logit_bias"),
         ("presence_penalty", 0.5, "presence_penalty"),

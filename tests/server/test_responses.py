@@ -157,7 +157,7 @@ BAD = [
     ("input[0].type", {"input": [{"type": "computer_call_output"}]}),
     ("input[0].content[0]", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}),
     ("input[0].call_id", {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}),
-    ("include", {"include": ["message.output_text.logprobs"]}),
+    ("include", {"include": ["reasoning.encrypted_content"]}),
     ("previous_response_id", {"previous_response_id": "resp_nope"}),
     ("input", {"max_output_tokens": 2**63}),  # does not fit the context: context_length_exceeded names the prompt
     ("temperature", {"temperature": "0.5"}),
