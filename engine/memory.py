@@ -3,13 +3,19 @@ before any weight is loaded (issue 14)."""
 
 from __future__ import annotations
 
+import math
 import os
+import weakref
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from engine.config import EngineConfig
-from engine.kv_cache import KVLayout
-from models.config import ModelConfig
+from engine.kv_cache import KVLayout, page_bucket
+from models.config import LayerGeometry, ModelConfig
 from models.loader import build_model, checkpoint_plan
 from models.quant import QUANTIZATION_CHOICES, QuantPlan
 
@@ -75,3 +81,108 @@ def check_memory(engine_config: EngineConfig, config: ModelConfig, free: int) ->
     fits = [f"{option} ({size / GiB:.1f} GiB of weights)" for option, size in options.items() if size + kv <= free]
     hint = f" Formats that fit: {', '.join(fits)}." if fits else " No format fits: use a device with more memory."
     raise InsufficientMemoryError(message + hint)
+
+
+# --- Activation memory (issue 23): what one iteration allocates beyond the weights and the KV pool. ---------------
+
+ExpertPath = Literal["grouped", "every_expert"]
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationModel:
+    """Peak bytes of live activations of the engine's two passes, a formula over the model's shapes.
+
+    Each pass peaks in one of its phases, while the residual stream and its siblings (about RESIDUALS rows of [T, H]
+    in the activation dtype) stay live: the attention of a full or a sliding layer, the MoE block, or (denoising)
+    the streaming sampler. `fused_attention`: SDPA runs a fused kernel (CUDA), which never holds the [queries, keys]
+    scores that the math path (meta, and what the tracker measures there) holds in fp32 with their masked copy.
+    Checked against LiveBytes at the real shapes on the meta device (tests/engine/test_activation_memory.py)."""
+
+    config: ModelConfig
+    expert_path: ExpertPath = "grouped"
+    row_alignment: int = 4  # Experts.row_alignment: every group padded to a multiple of this many rows
+    vocab_chunk: int = 8192
+    fused_attention: bool = True
+    element_size: int = 2  # the activation dtype's
+
+    RESIDUALS = 6
+
+    def step(self, rows: int, context: int) -> int:
+        """One denoising step of `rows` canvases whose longest row has `context` committed tokens."""
+        c, cfg = self.config.canvas_length, self.config
+        tokens = rows * c
+        width = page_bucket(math.ceil((context + c) / c)) * c  # the page table's keys, as the step pads them
+        attention = max(
+            self._attention(g, rows, c, cfg.sliding_window - 1 + c if g.is_sliding else width, not self.fused_attention)
+            for g in cfg.layers
+        )
+        chunk = min(self.vocab_chunk, cfg.vocab_size)
+        sampler = 3 * tokens * chunk * 4 + tokens * cfg.hidden_size * 4  # scaled-proposal workspaces, SC accumulator
+        return self._residual(tokens) + max(attention, self._moe(tokens), sampler)
+
+    def encode(self, chunks: list[int], context: int = 0) -> int:
+        """One encoder pass over chunks of these many tokens, each after `context` committed tokens. The encoder
+        runs in inference mode, where SDPA is one fused op on every device."""
+        tokens = -(-sum(chunks) // 4) * 4  # ModelRunner pads the flattened batch to TOKEN_ALIGNMENT
+        cfg = self.config
+        out = tokens * cfg.num_attention_heads * max(g.head_dim for g in cfg.layers) * self.element_size
+        window = cfg.sliding_window - 1
+        attention = max(
+            self._attention(g, 1, n, min(context, window) + n if g.is_sliding else context + n)
+            for g in cfg.layers
+            for n in set(chunks)
+        )
+        return self._residual(tokens) + max(out + attention, self._moe(tokens))
+
+    def _residual(self, tokens: int) -> int:
+        return self.RESIDUALS * tokens * self.config.hidden_size * self.element_size
+
+    def _moe(self, tokens: int) -> int:
+        cfg, s = self.config, self.element_size
+        h, i, e, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k_experts
+        if self.expert_path == "every_expert":  # [E, T, 2I] gate/up, [E, T, I] hidden, [E, T, H] out
+            return e * tokens * (3 * i + h) * s
+        rows = tokens * k + e * (self.row_alignment - 1)
+        # the row buffer and its output [R, H], gate/up [R, 2I], hidden [R, I]; the pairs' outputs [T*K, H]; the sort
+        return rows * (2 * h + 3 * i) * s + tokens * k * (h * s + 32)
+
+    def _attention(self, g: LayerGeometry, rows: int, queries: int, keys: int, math_path: bool = False) -> int:
+        """One layer's attention: q/k/v projections and their normed, rotated copies, the gathered keys of a full
+        layer, and (math path) fp32 copies of q, k and v and the scores with their masked copy."""
+        s, heads, d, kv_heads = self.element_size, self.config.num_attention_heads, g.head_dim, g.num_kv_heads
+        projections = 2 * rows * queries * (heads + kv_heads) * d * s
+        gathered = 0 if g.is_sliding else 2 * rows * kv_heads * keys * d * s
+        if not math_path:
+            return projections + gathered
+        math_path = 2 * rows * heads * queries * d * 4 + 2 * rows * kv_heads * keys * d * 4
+        return projections + gathered + math_path + 2 * rows * heads * queries * keys * 4
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by tensors that ops allocate while it is active (inputs made before it, and views
+    or in-place results of them, are not counted): the activation peak of a pass on any device, meta included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live, self.peak = 0, 0
+        self._held: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            if key in self._held or key in inputs:
+                continue
+            self._held.add(key)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._held.discard(key)
+        self.live -= nbytes
