@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -54,33 +54,109 @@ def min_kv_bytes(config: ModelConfig, dtype: torch.dtype, max_num_seqs: int, con
 
 
 class InsufficientMemoryError(RuntimeError):
-    """The chosen format's weights plus the minimum KV cache exceed the device's free memory."""
+    """The chosen format's weights, activations, CUDA graphs and minimum KV cache exceed the device's free memory."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemorySplit:
+    """Where a device's memory goes, in bytes: what start-up logs and check_memory refuses by."""
+
+    weights: int
+    activations: int  # the peak of the largest step or encode batch the scheduler can form
+    graphs: int  # the CUDA graphs' private pool: the captured step's workspace (0 without graphs)
+    kv: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.graphs + self.kv
+
+    def __str__(self) -> str:
+        parts = {"weights": self.weights, "activations": self.activations, "graphs": self.graphs, "KV": self.kv}
+        return " + ".join(f"{name} {size / GiB:.2f} GiB" for name, size in parts.items())
+
+
+def activation_model(engine_config: EngineConfig, config: ModelConfig) -> ActivationModel:
+    """The formula for this engine: every GPU format runs a grouped GEMM whose groups are padded to its kernel's
+    block of up to 64 rows; the CPU's are padded to 4 (batch invariance)."""
+    gpu = engine_config.torch_device.type == "cuda"
+    return ActivationModel(
+        config,
+        "grouped",
+        64 if gpu else 4,
+        engine_config.sampler_chunk,
+        element_size=torch.empty((), dtype=engine_config.torch_dtype).element_size(),
+    )
+
+
+def largest_encode(engine_config: EngineConfig) -> list[int]:
+    """The chunks of the largest encode batch the scheduler forms: whole prefill chunks up to the token bound (in
+    reference mode, one whole prompt)."""
+    if engine_config.reference_mode:
+        return [engine_config.max_model_len or engine_config.max_capture_len]
+    chunk = engine_config.prefill_chunk
+    return [chunk] * min(engine_config.max_num_seqs, engine_config.max_num_batched_tokens // chunk)
+
+
+def planned_split(engine_config: EngineConfig, config: ModelConfig, weights: int, kv: int) -> MemorySplit:
+    """The split the formula predicts: the largest step is max_num_seqs rows at the longest context (every row's
+    keys are gathered to the longest row's width), and the CUDA graphs hold the workspace of the largest captured
+    step (graphs are captured up to max_capture_len; the shared pool serves the smaller ones)."""
+    context = engine_config.max_model_len or config.max_position_embeddings
+    formula, rows = activation_model(engine_config, config), engine_config.max_num_seqs
+    activations = max(formula.step(rows, context), formula.encode(largest_encode(engine_config)))
+    captured = engine_config.compiled and engine_config.cuda_graphs and engine_config.torch_device.type == "cuda"
+    graphs = formula.step(rows, min(context, engine_config.max_capture_len)) if captured else 0
+    return MemorySplit(weights, activations, graphs, kv)
 
 
 def check_memory(engine_config: EngineConfig, config: ModelConfig, free: int) -> None:
-    """Refuse, before loading, a model that cannot fit on its GPU, naming the formats that would. The KV cache
-    counted is the configured budget, else its minimum. CPUs are not checked: their pages are committed only as
-    they are touched, so a budget is no allocation there, and the machine swaps rather than fails."""
+    """Refuse, before loading, a model that cannot fit on its GPU, naming the settings and formats that would. The
+    KV cache counted is the configured budget, else its minimum. CPUs are not checked: their pages are committed
+    only as they are touched, so a budget is no allocation there, and the machine swaps rather than fails."""
     if engine_config.torch_device.type != "cuda":
         return
     dtype, checkpoint = engine_config.torch_dtype, engine_config.checkpoint
-    kv = engine_config.kv_budget_bytes or min_kv_bytes(config, dtype, engine_config.max_num_seqs)
     plan = checkpoint_plan(checkpoint, engine_config.quantization)
-    needed = weight_bytes(config, dtype, plan) + kv
-    if needed <= free:
+    weights = weight_bytes(config, dtype, plan)
+
+    def split(settings: EngineConfig, weights: int = weights) -> MemorySplit:
+        kv = settings.kv_budget_bytes or min_kv_bytes(config, dtype, settings.max_num_seqs)
+        return planned_split(settings, config, weights, kv)
+
+    needed = split(engine_config)
+    if needed.total <= free:
         return
     name = plan.format if plan else str(dtype).removeprefix("torch.")
     message = (
-        f"the model does not fit on {engine_config.torch_device}: {name} weights "
-        f"{(needed - kv) / GiB:.1f} GiB + KV cache {kv / GiB:.2f} GiB > {free / GiB:.1f} GiB free."
+        f"the model does not fit on {engine_config.torch_device}: {name} {needed} = {needed.total / GiB:.1f} GiB "
+        f"> {free / GiB:.1f} GiB free."
     )
-    if plan is not None and not plan.from_bf16:
-        raise InsufficientMemoryError(f"{message} Use a device with more memory or a smaller checkpoint format.")
-    options = {f"--quantization {q}": weight_bytes(config, dtype, checkpoint_plan(checkpoint, q))
-               for q in QUANTIZATION_CHOICES if q != engine_config.quantization}  # fmt: skip
-    fits = [f"{option} ({size / GiB:.1f} GiB of weights)" for option, size in options.items() if size + kv <= free]
-    hint = f" Formats that fit: {', '.join(fits)}." if fits else " No format fits: use a device with more memory."
+    fits = [option for option, settings in _smaller_settings(engine_config, config) if split(settings).total <= free]
+    if plan is None or plan.from_bf16:
+        options = {f"--quantization {q}": weight_bytes(config, dtype, checkpoint_plan(checkpoint, q))
+                   for q in QUANTIZATION_CHOICES if q != engine_config.quantization}  # fmt: skip
+        fits += [f"{option} ({size / GiB:.1f} GiB of weights)" for option, size in options.items()
+                 if split(engine_config, size).total <= free]  # fmt: skip
+    hint = f" Settings that fit: {', '.join(fits)}." if fits else " Nothing fits: use a device with more memory."
     raise InsufficientMemoryError(message + hint)
+
+
+def _smaller_settings(engine_config: EngineConfig, config: ModelConfig) -> list[tuple[str, EngineConfig]]:
+    """One smaller setting per knob of the activations and the KV minimum: fewer rows, one chunk per iteration, a
+    smaller chunk, a shorter context (where it is not already that small)."""
+    out = []
+    if engine_config.max_num_seqs > 1:
+        rows = engine_config.max_num_seqs // 2
+        out.append((f"--max-num-seqs {rows}", replace(engine_config, max_num_seqs=rows)))
+    chunk = engine_config.prefill_chunk
+    if engine_config.max_num_batched_tokens > chunk:
+        out.append((f"--max-num-batched-tokens {chunk}", replace(engine_config, max_num_batched_tokens=chunk)))
+    if chunk > 512:
+        out.append(("--prefill-chunk 512 --max-num-batched-tokens 512",
+                    replace(engine_config, prefill_chunk=512, max_num_batched_tokens=512)))  # fmt: skip
+    if (engine_config.max_model_len or config.max_position_embeddings) > 32768:
+        out.append(("--max-model-len 32768", replace(engine_config, max_model_len=32768)))
+    return out
 
 
 # --- Activation memory (issue 23): what one iteration allocates beyond the weights and the KV pool. ---------------

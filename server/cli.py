@@ -182,6 +182,7 @@ def _serve(args: argparse.Namespace) -> None:
             kv_budget_fraction=args.kv_budget_fraction,
             max_waiting=args.max_waiting,
             prefill_chunk=args.prefill_chunk,
+            max_num_batched_tokens=args.max_num_batched_tokens,
             compile=args.compile,
             cuda_graphs=args.cuda_graphs,
             max_capture_len=args.max_capture_len,
@@ -251,12 +252,18 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-model-len", type=int, default=_int_or_none(_env("MAX_MODEL_LEN")))
     serve.add_argument("--max-waiting", type=int, default=int(_env("MAX_WAITING", "256")))
     serve.add_argument("--kv-budget-bytes", type=int, default=_int_or_none(_env("KV_BUDGET_BYTES")))
-    serve.add_argument("--kv-budget-fraction", type=float, default=float(_env("KV_BUDGET_FRACTION", "0.5")))
+    serve.add_argument("--kv-budget-fraction", type=float, default=float(_env("KV_BUDGET_FRACTION", "0.9")))
     serve.add_argument(
         "--prefill-chunk",
         type=int,
         default=int(_env("PREFILL_CHUNK", "2048")),
         help="prompt tokens a sequence encodes per iteration (bounds a long prompt's memory)",
+    )
+    serve.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=int(_env("MAX_NUM_BATCHED_TOKENS", "8192")),
+        help="encoder tokens of one iteration, in whole chunks: what the start-up memory profile covers",
     )
     _add_off_switch(serve, "playground", "do not serve the web playground at /")
     serve.add_argument(
