@@ -79,6 +79,7 @@ class Engine:
             kv_page_tokens=layout.page_size,
             kv_page_bytes=layout.page_bytes,
             generation_defaults=self.generation_defaults,
+            eager_buckets=self.runner.eager_buckets,
         )
         self.scheduler = Scheduler(
             self.runner.budget,

@@ -91,6 +91,13 @@ class ModelRunner:
             kind, _, at = engine_config.fault_injection.partition("@")
             self.fault = (kind, int(at))
 
+    @property
+    def eager_buckets(self) -> tuple[str, ...]:
+        """The step buckets that were to be compiled (and captured) but run eager: "ROWSxPAGES", or "all"."""
+        if self.graphs is None:
+            return ("all",) if self.engine_config.compiled else ()
+        return tuple(f"{rows}x{pages}" for rows, pages in self.graphs.eager)
+
     def profile(self, rows: int, context: int, chunks: list[int]) -> int:
         """The activation peak, in bytes, of the largest encode batch (a new prompt of each of `chunks` tokens) and
         of a denoising step of `rows` idle rows with a page table as wide as `context` tokens need, run as this

@@ -191,7 +191,7 @@ def _serve(args: argparse.Namespace) -> None:
         on_step=metrics.on_step,
     )
     budget = engine.info.kv_budget_bytes
-    metrics.kv_budget.set(budget)
+    metrics.on_start(engine.info)
     typical = engine.info.kv_bytes_for(1024, 1024)
     logger.info(
         "model %s from %s; KV budget %.1f GiB: %d sequences of 1K prompt + 1K output fit at once (max_num_seqs %d)",
