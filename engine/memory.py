@@ -85,6 +85,7 @@ def activation_model(engine_config: EngineConfig, config: ModelConfig) -> Activa
         64 if gpu else 4,
         engine_config.sampler_chunk,
         element_size=torch.empty((), dtype=engine_config.torch_dtype).element_size(),
+        device=engine_config.torch_device.type,
     )
 
 
@@ -180,6 +181,7 @@ class ActivationModel:
     vocab_chunk: int = 8192
     fused_attention: bool = True
     element_size: int = 2  # the activation dtype's
+    device: str = "cuda"  # the device type: the CPU's sampler copies chunks of the embedding to fp32
 
     RESIDUALS = 6
 
@@ -193,7 +195,11 @@ class ActivationModel:
             for g in cfg.layers
         )
         chunk = min(self.vocab_chunk, cfg.vocab_size)
-        sampler = 3 * tokens * chunk * 4 + tokens * cfg.hidden_size * 4  # scaled-proposal workspaces, SC accumulator
+        # Three fp32 [N, chunk] workspaces and the fp32 SC accumulator; below fp32 also the LM head's output chunk
+        # and, on CPU, the fp32 copy of the embedding chunk that the SC product reads (not both at once).
+        sampler = 3 * tokens * chunk * 4 + tokens * cfg.hidden_size * 4
+        if self.element_size < 4:
+            sampler += max(tokens * chunk * self.element_size, chunk * cfg.hidden_size * 4 * (self.device == "cpu"))
         return self._residual(tokens) + max(attention, self._moe(tokens), sampler)
 
     def encode(self, chunks: list[int], context: int = 0) -> int:

@@ -1,6 +1,7 @@
-"""The activation formula (engine.memory.ActivationModel) against the live-bytes tracker, at the real model's shapes
-on the meta device (issue 23): one denoising step at B = 1/8/16 and the largest encode batch, for both expert paths.
-The meta device runs the decoder's SDPA on its math path, so the step's formula is taken with fused_attention off."""
+"""The activation formula (engine.memory.ActivationModel) against the live-bytes tracker (issue 23): at the real
+model's shapes on the meta device, one denoising step at B = 1/8/16 and the largest encode batch for both expert
+paths (meta runs the decoder's SDPA on its math path, so the step's formula is taken with fused_attention off); and
+the engine's own profiling pass on the CPU at tiny widths, in both dtypes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
+from engine.engine import Engine
 from engine.kv_cache import page_bucket
-from engine.memory import ActivationModel, LiveBytes
+from engine.memory import ActivationModel, LiveBytes, activation_model
 from engine.model_runner import ModelRunner
 from engine.request import SamplingParams
 from engine.sequence import Sequence
@@ -63,3 +65,12 @@ def test_the_largest_encode_batch_peaks_where_the_formula_says(runner):
     with tracker:
         r.encode([(seq, CHUNK) for seq in seqs])
     assert tracker.peak == pytest.approx(formula(runner).encode([CHUNK] * 4, CHUNK), rel=0.05)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_profiling_pass_measures_what_the_formula_says_at_tiny_widths(tiny_checkpoint, dtype):
+    engine = Engine(EngineConfig(str(tiny_checkpoint), dtype=dtype, max_num_seqs=8, kv_budget_bytes=64 * 2**20))
+    formula = activation_model(engine.config, engine.model_config)
+    for rows, context, chunks in ((1, 0, [64]), (8, 1024, [128] * 4)):
+        expected = max(formula.step(rows, context), formula.encode(chunks))
+        assert engine.runner.profile(rows, context, chunks) == pytest.approx(expected, rel=0.05)
