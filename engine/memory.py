@@ -72,7 +72,11 @@ class MemorySplit:
 
     def __str__(self) -> str:
         parts = {"weights": self.weights, "activations": self.activations, "graphs": self.graphs, "KV": self.kv}
-        return " + ".join(f"{name} {size / GiB:.2f} GiB" for name, size in parts.items())
+        return " + ".join(f"{name} {_size(size)}" for name, size in parts.items())
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
 def activation_model(engine_config: EngineConfig, config: ModelConfig) -> ActivationModel:
@@ -129,8 +133,8 @@ def check_memory(engine_config: EngineConfig, config: ModelConfig, free: int) ->
         return
     name = plan.format if plan else str(dtype).removeprefix("torch.")
     message = (
-        f"the model does not fit on {engine_config.torch_device}: {name} {needed} = {needed.total / GiB:.1f} GiB "
-        f"> {free / GiB:.1f} GiB free."
+        f"the model does not fit on {engine_config.torch_device}: {name} {needed} = {_size(needed.total)} "
+        f"> {_size(free)} free."
     )
     fits = [option for option, settings in _smaller_settings(engine_config, config) if split(settings).total <= free]
     if plan is None or plan.from_bf16:
@@ -214,7 +218,9 @@ class ActivationModel:
             for g in cfg.layers
             for n in set(chunks)
         )
-        return self._residual(tokens) + max(out + attention, self._moe(tokens))
+        # Every sequence's causal masks (bool [n, keys] for a full and a sliding layer) are built before the pass.
+        masks = sum(n * (context + n + min(context, window) + n) for n in chunks)
+        return self._residual(tokens) + masks + max(out + attention, self._moe(tokens))
 
     def _residual(self, tokens: int) -> int:
         return self.RESIDUALS * tokens * self.config.hidden_size * self.element_size
