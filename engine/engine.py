@@ -10,7 +10,6 @@ import torch
 
 from engine.config import EngineConfig
 from engine.constraint import NUM_CANDIDATES, Constraint
-from engine.kv_cache import KVLayout
 from engine.memory import (
     MIN_CONTEXT,
     InsufficientMemoryError,
@@ -20,7 +19,7 @@ from engine.memory import (
     largest_encode,
     planned_split,
 )
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, measure_activations
 from engine.request import (
     BlockCommitted,
     CanvasInit,
@@ -106,19 +105,9 @@ class Engine:
         planned = planned_split(settings, self.model_config, weights, 0)
         activations = planned.activations
         if device.type == "cuda":  # measured: the kernels and the allocator as they run here
-            rows, chunks = config.max_num_seqs, largest_encode(settings)
-            layout = KVLayout(
-                self.model_config,
-                self.model_config.canvas_length,
-                torch.empty((), dtype=config.torch_dtype).element_size(),
+            activations = measure_activations(
+                self.model, self.model_config, config, max_model_len, largest_encode(settings)
             )
-            pages = sum(layout.pages_for(n) for n in chunks) + 1
-            runner = ModelRunner(
-                self.model, self.model_config, replace(config, compile=False), rows * layout.slot_bytes
-                + pages * layout.page_bytes, max_model_len
-            )  # fmt: skip
-            activations = runner.profile(rows, max_model_len, chunks)
-            del runner
             torch.cuda.empty_cache()
         graphs, kv = planned.graphs, config.kv_budget_bytes
         if kv is None:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import secrets
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,18 @@ def bucket_size(rows: int, max_rows: int) -> int:
 def row_buckets(max_rows: int) -> list[int]:
     """Every value bucket_size takes."""
     return sorted({bucket_size(rows, max_rows) for rows in range(1, max_rows + 1)})
+
+
+def measure_activations(
+    model: DiffusionGemma, config: ModelConfig, engine_config: EngineConfig, max_model_len: int, chunks: list[int]
+) -> int:
+    """The activation peak of the largest step (max_num_seqs rows at max_model_len) and encode batch (`chunks`),
+    measured by an uncompiled runner that holds only the KV memory this needs (ModelRunner.profile)."""
+    layout = KVLayout(config, config.canvas_length, torch.empty((), dtype=engine_config.torch_dtype).element_size())
+    rows = engine_config.max_num_seqs
+    budget = rows * layout.slot_bytes + (sum(layout.pages_for(n) for n in chunks) + 1) * layout.page_bytes
+    runner = ModelRunner(model, config, replace(engine_config, compile=False), budget, max_model_len)
+    return runner.profile(rows, max_model_len, chunks)
 
 
 class ModelRunner:

@@ -5,6 +5,8 @@ the engine's own profiling pass on the CPU at tiny widths, in both dtypes."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.kv_cache import page_bucket
 from engine.memory import ActivationModel, LiveBytes, activation_model
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, measure_activations
 from engine.request import SamplingParams
 from engine.sequence import Sequence
 from models.config import GenerationDefaults
@@ -69,8 +71,11 @@ def test_the_largest_encode_batch_peaks_where_the_formula_says(runner):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_profiling_pass_measures_what_the_formula_says_at_tiny_widths(tiny_checkpoint, dtype):
-    engine = Engine(EngineConfig(str(tiny_checkpoint), dtype=dtype, max_num_seqs=8, kv_budget_bytes=64 * 2**20))
-    formula = activation_model(engine.config, engine.model_config)
-    for rows, context, chunks in ((1, 0, [64]), (8, 1024, [128] * 4)):
+    """measure_activations, which sizes the KV pool on CUDA, here through LiveBytes."""
+    engine = Engine(EngineConfig(str(tiny_checkpoint), dtype=dtype, kv_budget_bytes=64 * 2**20))
+    for rows, context, chunks in ((1, 64, [64]), (8, 1024, [128] * 4)):
+        config = replace(engine.config, max_num_seqs=rows)
+        formula = activation_model(config, engine.model_config)
         expected = max(formula.step(rows, context), formula.encode(chunks))
-        assert engine.runner.profile(rows, context, chunks) == pytest.approx(expected, rel=0.05)
+        peak = measure_activations(engine.model, engine.model_config, config, context, chunks)
+        assert peak == pytest.approx(expected, rel=0.05)
