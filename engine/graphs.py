@@ -117,6 +117,10 @@ class StepGraphs:
         with torch.cuda.stream(stream):
             run()
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        # The warm-up's blocks stay cached for its stream, where the capture cannot use them: without this the first
+        # capture needs about twice the step's workspace (gpu-audit finding 3).
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = run()
