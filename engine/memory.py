@@ -1,5 +1,6 @@
 """Will the model fit? Free device memory, the weights' resident bytes in each format, and the check that runs
-before any weight is loaded (issue 14)."""
+before any weight is loaded (issue 14); the split of a device's memory into weights, activations, CUDA graphs and KV,
+with the activation formula (ActivationModel) and the live-bytes tracker that checks it (LiveBytes) (issue 23)."""
 
 from __future__ import annotations
 
