@@ -27,7 +27,13 @@ from models.hub import resolve_checkpoint
 def run_prefill(length: int, chunk: int) -> tuple[float, float]:
     """Seconds and MiB of memory growth to prefill `length` tokens and run the first denoising step."""
     torch.set_num_threads(2)
-    engine = Engine(EngineConfig(str(resolve_checkpoint("random-demo")), dtype="float32", prefill_chunk=chunk))
+    config = EngineConfig(
+        str(resolve_checkpoint("random-demo")),
+        dtype="float32",
+        prefill_chunk=chunk,
+        max_num_batched_tokens=max(chunk, 8192),
+    )  # one pass: the whole prompt in one batch
+    engine = Engine(config)
     params = SamplingParams(max_tokens=16, max_denoising_steps=1, seed=0)
     engine.generate({"warmup": ([5] * 64, params)})
     loaded = rss_bytes("VmRSS")

@@ -1,19 +1,25 @@
 """The denoising step on one GPU with the real model's shapes: parity on the device, ms per step eager / compiled /
 CUDA graphs at B = 1, 4, 16 and 1K / 4K context, the transformers reference step, peak memory, each against the
 spec 8.3 floor; then the same step with fp8 and nvfp4 experts (quantized at build, as `--quantization` does), each
-with the expert path it took (models.gemm_path) and its parity against the dequantised weights. Needs only torch,
+with the expert path it took (models.gemm_path) and its parity against the dequantised weights; and (`--modes
+stress`) a stress run of 16 concurrent 8K-token prompts at the largest batch the memory budget allows, which must end
+with no failed request, printing the profiled memory split against the allocator's peak. Needs only torch,
 transformers and safetensors (and the triton that CUDA torch brings): the real-shaped model is built with random
 weights on the GPU itself (no download, no 50 GB file).
 
-    bash benchmarks/gpu_check.sh                     # one NVIDIA GPU, under 8 minutes
+    bash benchmarks/gpu_check.sh                     # one NVIDIA GPU, under 9 minutes
     python -m benchmarks.gpu_bench --device cpu --size structure --rows 1 2 --contexts 300 --modes eager graphs
                                                      # the same code paths on a CPU, in a few minutes
+    python -m benchmarks.gpu_bench --device cpu --size tiny --dtype float32 --skip-parity --modes stress \
+        --stress-prompt 256 --stress-seconds 20       # the stress run's code path on a CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,7 +28,8 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import BlockCommitted, SamplingParams
+from engine.memory import LiveBytes
+from engine.request import BlockCommitted, Failed, Finished, SamplingParams
 from models.quantized_checkpoint import write_quantized_checkpoint
 from models.random_checkpoint import config_json, random_model, write_random_checkpoint
 
@@ -169,6 +176,43 @@ def measure(
     release(device)
 
 
+def stress(make: Callable[[], Engine], prompt_len: int, seconds: float, device: torch.device) -> bool:
+    """16 concurrent requests with `prompt_len`-token prompts for `seconds`: the scheduler admits as many as the KV
+    budget holds and queues the rest. Returns whether no request failed. Prints the engine's memory split against what
+    was measured: on CUDA the allocator's peak, elsewhere LiveBytes' activation peak over the run."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    engine = make()
+    params = SamplingParams(max_tokens=512, max_denoising_steps=8, stop_token_ids=())
+    for i in range(16):
+        prompt = torch.randint(3, engine.info.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(i))
+        engine.add_request(f"stress-{i}", prompt.tolist(), params)
+    tracker = LiveBytes()
+    failed, finished, steps, batch = [], 0, 0, 0
+    start = time.perf_counter()
+    with contextlib.nullcontext() if cuda else tracker:
+        while engine.has_unfinished() and time.perf_counter() - start < seconds:
+            events, stats = engine.step()
+            steps, batch = steps + 1, max(batch, stats.num_running)
+            failed += [e.error for e in events if isinstance(e, Failed)]
+            finished += sum(isinstance(e, Finished) for e in events)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    split = engine.memory
+    print(f"stress: {prompt_len}-token prompts x 16, {steps} iterations in {elapsed:.0f} s, up to {batch} running at "
+          f"once, {finished} finished, {len(failed)} failed{f' ({failed[0]})' if failed else ''}")  # fmt: skip
+    print(f"  memory split (activations profiled): {split}, {split.total / 2**30:.2f} GiB in all")
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device)
+        print(f"  torch.cuda.max_memory_allocated {peak / 2**30:.2f} GiB against the split's {split.total / 2**30:.2f}")
+    else:
+        profiled = split.activations / 2**20
+        print(f"  live activations peak {tracker.peak / 2**20:.1f} MiB against the profiled {profiled:.1f} MiB")
+    print(f"  {'PASS' if not failed else 'FAIL'}: no request failed")
+    return not failed
+
+
 def report(results: dict, rows: list[int], contexts: list[int], modes: list[str]) -> None:
     print(f"\nms per denoising step (tok/s at {TPF} tokens per forward); floor = spec 8.3 bf16 H100 at L = 4K")
     shown = {*modes, *(["compiled"] if "graphs" in modes else [])}
@@ -231,11 +275,13 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument(
         "--modes", nargs="+", default=["reference", "eager", "graphs"],
-        help="reference, eager, graphs (graphs also measures the compiled step without its CUDA graphs)",
+        help="reference, eager, graphs (graphs also measures the compiled step without its CUDA graphs), stress",
     )  # fmt: skip
     parser.add_argument("--quantizations", nargs="*", default=["fp8", "nvfp4"], help="formats measured after bf16")
     parser.add_argument("--quantized-modes", nargs="+", default=["eager"], help="their modes, at the first context")
     parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--stress-prompt", type=int, default=8192, help="prompt tokens of the stress run's requests")
+    parser.add_argument("--stress-seconds", type=float, default=30)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     start = time.perf_counter()
@@ -244,7 +290,8 @@ def main() -> None:
     if not args.skip_parity:
         parity(device)
     results: dict = {}
-    if {"eager", "graphs"} & set(args.modes):
+    passed = True
+    if {"eager", "graphs", "stress"} & set(args.modes):
         model = random_model(args.size, dtype, device)
         print(f"{args.size} model: {sum(p.numel() for p in model[0].parameters()) / 1e9:.2f} B parameters, {dtype}")
         longest = max(args.contexts) + 512 + 256
@@ -257,6 +304,11 @@ def main() -> None:
                 )  # fmt: skip
                 make = lambda config=config: Engine(config, model=model)  # noqa: E731
                 measure(mode, make, args.rows, args.contexts, results, device)
+        if "stress" in args.modes:  # the KV budget sized by the engine's own profile, as `dgserve serve` sizes it
+            config = EngineConfig(args.size, device=args.device, dtype=args.dtype, max_num_seqs=16,
+                                  max_model_len=args.stress_prompt + 512)  # fmt: skip
+            passed = stress(lambda: Engine(config, model=model), args.stress_prompt, args.stress_seconds, device)
+            release(device)
         del model
         release(device)
     if "reference" in args.modes:
@@ -265,10 +317,12 @@ def main() -> None:
                 results["reference", b, context] = reference_ms(args.size, device, dtype, b, context)
                 ms = results["reference", b, context]
                 print(f"  reference B={b:<2d} L={context:<5d} {'OOM' if ms is None else f'{ms:8.1f}'} ms/step")
-    report(results, args.rows, args.contexts, args.modes)
+    if results:
+        report(results, args.rows, args.contexts, args.modes)
     for scheme in args.quantizations:
         quantized(args, scheme, results, device, dtype)
     print(f"\ngpu_bench took {time.perf_counter() - start:.0f} s")
+    sys.exit(0 if passed else 1)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,18 @@ class EngineConfig:
     device_class: str | None = None
     max_num_seqs: int = 8  # sequences denoising at once
     max_model_len: int | None = None  # prompt + max_tokens limit; None: the checkpoint's max_position_embeddings
-    kv_budget_bytes: int | None = None  # KV memory for all sequences; None: kv_budget_fraction of free memory
-    kv_budget_fraction: float = 0.5
+    kv_budget_bytes: int | None = None  # KV memory for all sequences; None: kv_budget_fraction of what remains
+    # Share of the memory left after loading, the activation peak and the CUDA graphs that the KV pool takes; the
+    # rest is the margin for the allocator's fragmentation and the CUDA context (engine/memory.py).
+    kv_budget_fraction: float = 0.9
     max_waiting: int = 256  # requests queued beyond the free slots; more are refused (the server's 429)
     # Tokens of a prompt (or canvas commit) a sequence encodes per iteration: bounds a long prompt's attention memory
     # ([heads, chunk, prefix] scores instead of [heads, prompt, prompt]), and others keep denoising meanwhile.
     # Reference mode encodes a prompt in one pass, as generate() does.
     prefill_chunk: int = 2048
+    # Encoder tokens of one iteration, in whole chunks: what the start-up profile measures, so that its activation
+    # peak bounds every iteration whatever prompts arrive.
+    max_num_batched_tokens: int = 8192
     vocab_chunk: int | None = None  # sampler workspace per row: [canvas, vocab_chunk] fp32; None: 2048 CPU, 8192 CUDA
     reference_mode: bool = False  # reproduce transformers' generate() draw for draw: one sequence, global RNG
     # torch.compile the denoising step (fullgraph; engine/graphs.py). None: on CUDA, not on CPU, where compiling
@@ -52,6 +57,8 @@ class EngineConfig:
             raise ValueError(f"fault_injection must be oom@N or fatal@N, got {self.fault_injection!r}")
         if self.reference_mode and self.compile:
             raise ValueError("reference_mode runs eager: it cannot be compiled")
+        if self.max_num_batched_tokens < self.prefill_chunk:
+            raise ValueError(f"max_num_batched_tokens must be >= prefill_chunk ({self.prefill_chunk})")
         if self.max_capture_len < 1:
             raise ValueError(f"max_capture_len must be >= 1, got {self.max_capture_len}")
         if self.dtype not in (None, "bfloat16", "float32"):

@@ -6,16 +6,27 @@ import logging
 import time
 from dataclasses import replace
 
+import torch
+
 from engine.config import EngineConfig
 from engine.constraint import NUM_CANDIDATES, Constraint
 from engine.device import check_device
-from engine.memory import check_memory, free_memory_bytes
-from engine.model_runner import ModelRunner
+from engine.memory import (
+    MIN_CONTEXT,
+    InsufficientMemoryError,
+    MemorySplit,
+    check_memory,
+    free_memory_bytes,
+    largest_encode,
+    planned_split,
+)
+from engine.model_runner import ModelRunner, measure_activations
 from engine.request import (
     BlockCommitted,
     CanvasInit,
     EngineEvent,
     EngineInfo,
+    Failed,
     Finished,
     FinishReason,
     InvalidRequestError,
@@ -23,7 +34,7 @@ from engine.request import (
     StepStats,
     Usage,
 )
-from engine.scheduler import Scheduler
+from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence
 from models.config import GenerationDefaults, ModelConfig, load_config
 from models.diffusion_gemma import DiffusionGemma
@@ -57,8 +68,8 @@ class Engine:
             )
         self.model, self.model_config, self.generation_defaults = model
         max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        budget = config.kv_budget_bytes or int(free_memory_bytes(device) * config.kv_budget_fraction)
-        self.runner = ModelRunner(self.model, self.model_config, config, budget, max_model_len)
+        self.memory = self._plan_memory(max_model_len)
+        self.runner = ModelRunner(self.model, self.model_config, config, self.memory.kv, max_model_len)
         layout = self.runner.layout
         self.info = EngineInfo(
             max_model_len=max_model_len,
@@ -70,6 +81,7 @@ class Engine:
             kv_page_tokens=layout.page_size,
             kv_page_bytes=layout.page_bytes,
             generation_defaults=self.generation_defaults,
+            eager_buckets=self.runner.eager_buckets,
         )
         self.scheduler = Scheduler(
             self.runner.budget,
@@ -77,12 +89,40 @@ class Engine:
             config.max_waiting,
             lambda seq: self.info.kv_bytes_for(len(seq.prompt_ids), seq.params.max_tokens),
             prefill_chunk=None if config.reference_mode else config.prefill_chunk,
+            max_batched_tokens=None if config.reference_mode else config.max_num_batched_tokens,
         )
         self._pending: list[EngineEvent] = []  # produced between steps (aborts)
+        long_seqs = self.runner.budget.total_bytes // self.info.kv_bytes_for(MIN_CONTEXT, 1)
         logger.info(
-            "engine ready: %s on %s, KV budget %.1f MiB, up to %d sequences, max_model_len %d",
-            dtype, device, budget / 2**20, config.max_num_seqs, self.info.max_model_len,
+            "engine ready: %s on %s, up to %d sequences, max_model_len %d; memory: %s (%d sequences of %d tokens fit)",
+            dtype, device, config.max_num_seqs, max_model_len, self.memory, long_seqs, MIN_CONTEXT,
         )  # fmt: skip
+
+    def _plan_memory(self, max_model_len: int) -> MemorySplit:
+        """The split of the device's memory: the weights as loaded, the activation peak of the largest step and
+        encode batch (on CUDA measured by a profiling pass, elsewhere the formula), the CUDA graphs' reserve, and the
+        KV pool: kv_budget_fraction of what remains (the rest is the margin), unless a budget is given."""
+        config, device = self.config, self.config.torch_device
+        weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        settings = replace(config, max_model_len=max_model_len)
+        planned = planned_split(settings, self.model_config, weights, 0)
+        activations = planned.activations
+        if device.type == "cuda":  # measured: the kernels and the allocator as they run here
+            activations = measure_activations(
+                self.model, self.model_config, config, max_model_len, largest_encode(settings)
+            )
+            torch.cuda.empty_cache()
+        graphs, kv = planned.graphs, config.kv_budget_bytes
+        if kv is None:
+            left = free_memory_bytes(device) - activations - graphs
+            if left <= 0:
+                raise InsufficientMemoryError(
+                    f"no memory is left for the KV cache on {device}: {MemorySplit(weights, activations, graphs, 0)},"
+                    f" {free_memory_bytes(device) / 2**30:.2f} GiB free after loading; lower --max-num-seqs, "
+                    "--max-num-batched-tokens or --max-model-len"
+                )
+            kv = int(left * config.kv_budget_fraction)
+        return MemorySplit(weights, activations, graphs, kv)
 
     def add_request(
         self,
@@ -121,9 +161,26 @@ class Engine:
         return bool(self.scheduler.waiting or self.scheduler.running or self._pending)
 
     def step(self) -> tuple[list[EngineEvent], StepStats]:
-        """Admit, encode prompts and finished canvases, run one denoising step for every running sequence."""
+        """Admit, encode prompts and finished canvases, run one denoising step for every running sequence. An
+        out-of-memory error fails only this iteration's sequences, whose memory is freed; the engine goes on."""
         events, self._pending = self._pending, []
         batch = self.scheduler.schedule()
+        try:
+            return self._run(batch, events)
+        except torch.OutOfMemoryError as exc:
+            seqs = {seq.request_id: seq for seq in (*batch.admitted, *(s for s, _ in batch.encode), *batch.denoise)}
+            logger.error(
+                "out of memory in an iteration of %d encode tokens and %d denoising rows; failing its %d requests: %s",
+                sum(n for _, n in batch.encode), len(batch.denoise), len(seqs), exc,
+            )  # fmt: skip
+            for request_id in seqs:
+                self.scheduler.abort(request_id)
+                events.append(Failed(request_id, "out of memory on the device; retry, or lower the load"))
+            if self.config.torch_device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the failed iteration's blocks back before the next one
+            return events, self._stats(events, 0, 0, 0.0, 0.0)
+
+    def _run(self, batch: Batch, events: list[EngineEvent]) -> tuple[list[EngineEvent], StepStats]:
         for seq in batch.admitted:
             self.runner.allocate(seq)
         t0 = time.perf_counter()
@@ -146,17 +203,21 @@ class Engine:
             }
             committed = self.scheduler.after_step(batch.denoise, argmax, stopped, prefixes, by_id)
             events.extend(self._with_logprobs(committed, scored) if scored else committed)
-        stats = StepStats(
+        return events, self._stats(events, num_encoded, len(batch.denoise), encode_s, denoise_s)
+
+    def _stats(
+        self, events: list[EngineEvent], encoded: int, rows: int, encode_s: float, denoise_s: float
+    ) -> StepStats:
+        return StepStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
-            num_encode_tokens=num_encoded,
-            num_denoise_rows=len(batch.denoise),
+            num_encode_tokens=encoded,
+            num_denoise_rows=rows,
             num_output_tokens=sum(len(e.token_ids) for e in events if isinstance(e, BlockCommitted)),
             encode_s=encode_s,
             denoise_s=denoise_s,
             kv_bytes_used=self.scheduler.budget.used_bytes,
         )
-        return events, stats
 
     def _with_logprobs(self, events: list[EngineEvent], scored: dict[str, tuple[int, int, int]]) -> list[EngineEvent]:
         """`events` with logprobs on the blocks of the requests in `scored` (slot and first canvas position before

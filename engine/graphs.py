@@ -10,6 +10,9 @@ the engine's canvas state and KV pool in place and returns the bucket's output t
 Page tables wider than `max_capture_len` tokens are compiled but not captured (a graph holds its workspace, which
 grows with the width): such steps run the compiled function directly.
 
+A bucket whose compile or capture fails (out of memory, most likely) is logged as an ERROR with the memory it had
+taken, and runs the eager step from then on: `eager` names those buckets for /version and /metrics.
+
 A compiled step always runs the SC MLP and the scaled-proposal pass, which eager steps skip where that gives the same
 bits.
 """
@@ -51,6 +54,8 @@ class StepGraphs:
         backend: str | Callable = "inductor",
     ) -> None:
         self.step_inputs, self.device = step_inputs, device
+        self.eager_step = partial(step, self_condition=True, scaled_proposals=True)
+        self.eager: list[tuple[int, int]] = []  # (rows, pages) of the buckets whose compile or capture failed
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self.compiled = torch.compile(
             partial(step, self_condition=True, scaled_proposals=True), fullgraph=True, backend=backend
@@ -63,7 +68,18 @@ class StepGraphs:
         what = "compiling and capturing" if self.cuda_graphs else "compiling"
         for i, (rows, width) in enumerate(keys):
             logger.info("%s the denoising step: bucket %d/%d (%d rows, %d pages)", what, i + 1, len(keys), rows, width)
-            self.buckets[rows, width] = self._capture(_dynamic(self._to_device(step_inputs([None] * rows, width))))
+            static = _dynamic(self._to_device(step_inputs([None] * rows, width)))
+            base = self._reset_peak()
+            try:
+                self.buckets[rows, width] = self._capture(static)
+            except Exception as exc:  # any compiler or driver failure: this bucket runs eager
+                self.eager.append((rows, width))
+                self.buckets[rows, width] = static, partial(self.eager_step, static)
+                logger.error(
+                    "%s the denoising step failed for the bucket of %d rows and %d pages, which runs eager from now "
+                    "on; it had taken %.1f MiB of the device when it failed: %s: %s",
+                    what, rows, width, (self._peak() - base) / 2**20, type(exc).__name__, exc,
+                )  # fmt: skip
         logger.info("denoising step ready: %d buckets in %.1f s", len(keys), time.perf_counter() - start)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> Outputs:
@@ -75,6 +91,16 @@ class StepGraphs:
         for name, tensor in inputs.items():
             static[name].copy_(tensor, non_blocking=True)
         return run()
+
+    def _reset_peak(self) -> int:
+        """What the device has allocated now (CUDA; 0 elsewhere), with its peak counter reset."""
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def _peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
 
     def _to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: x.to(self.device, non_blocking=True) for name, x in inputs.items()}
@@ -91,6 +117,10 @@ class StepGraphs:
         with torch.cuda.stream(stream):
             run()
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        # The warm-up's blocks stay cached for its stream, where the capture cannot use them: without this the first
+        # capture needs about twice the step's workspace (gpu-audit finding 3).
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = run()

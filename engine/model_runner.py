@@ -7,9 +7,11 @@ back in one device-to-host copy (the argmax canvases and the stop flags). Nothin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +31,11 @@ from engine.kv_cache import (
     page_table,
     reference_decoder_attention,
 )
-from engine.request import Logprob
+from engine.memory import LiveBytes
+from engine.request import Logprob, SamplingParams
 from engine.sampler import StepResult, fast_step, merge_top_k, reference_step, schedule_temperature, token_logprobs
 from engine.sequence import Sequence
-from models.config import ModelConfig
+from models.config import GenerationDefaults, ModelConfig
 from models.diffusion_gemma import DiffusionGemma
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,18 @@ def bucket_size(rows: int, max_rows: int) -> int:
 def row_buckets(max_rows: int) -> list[int]:
     """Every value bucket_size takes."""
     return sorted({bucket_size(rows, max_rows) for rows in range(1, max_rows + 1)})
+
+
+def measure_activations(
+    model: DiffusionGemma, config: ModelConfig, engine_config: EngineConfig, max_model_len: int, chunks: list[int]
+) -> int:
+    """The activation peak of the largest step (max_num_seqs rows at max_model_len) and encode batch (`chunks`),
+    measured by an uncompiled runner that holds only the KV memory this needs (ModelRunner.profile)."""
+    layout = KVLayout(config, config.canvas_length, torch.empty((), dtype=engine_config.torch_dtype).element_size())
+    rows = engine_config.max_num_seqs
+    budget = rows * layout.slot_bytes + (sum(layout.pages_for(n) for n in chunks) + 1) * layout.page_bytes
+    runner = ModelRunner(model, config, replace(engine_config, compile=False), budget, max_model_len)
+    return runner.profile(rows, max_model_len, chunks)
 
 
 class ModelRunner:
@@ -88,6 +103,45 @@ class ModelRunner:
         if engine_config.fault_injection:
             kind, _, at = engine_config.fault_injection.partition("@")
             self.fault = (kind, int(at))
+
+    @property
+    def eager_buckets(self) -> tuple[str, ...]:
+        """The step buckets that were to be compiled (and captured) but run eager: "ROWSxPAGES", or "all"."""
+        if self.graphs is None:
+            return ("all",) if self.engine_config.compiled else ()
+        return tuple(f"{rows}x{pages}" for rows, pages in self.graphs.eager)
+
+    def profile(self, rows: int, context: int, chunks: list[int]) -> int:
+        """The activation peak, in bytes, of the largest encode batch (a new prompt of each of `chunks` tokens) and
+        of a denoising step of `rows` idle rows with a page table as wide as `context` tokens need, run as this
+        runner runs them: on CUDA the allocator's peak above what was allocated before, elsewhere LiveBytes. Takes
+        pages for the prompts from the pool and gives them back."""
+        seqs = []
+        for i, n in enumerate(chunks):
+            params = SamplingParams(max_tokens=1).resolve(GenerationDefaults(), n + 1, n)
+            seq = Sequence(f"profile-{i}", [0] * n, params, self.config.canvas_length, None, None)
+            seq.slot, seq.pages = self.budget.allocate(self.layout.pages_for(n) * self.layout.page_bytes)
+            self.allocate(seq)
+            seq.to_encode = list(seq.prompt_ids)
+            seqs.append(seq)
+        width = page_bucket(self.layout.pages_for(context + self.config.canvas_length))
+        inputs = {name: x.to(self.device) for name, x in self.step_inputs([None] * rows, width).items()}
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        tracker = LiveBytes()
+        with contextlib.nullcontext() if cuda else tracker:
+            self.encode([(seq, n) for seq, n in zip(seqs, chunks, strict=True)])
+            with torch.no_grad():
+                self.step(inputs, self_condition=True, scaled_proposals=True)
+        for seq in seqs:
+            self.budget.free(seq.slot, seq.pages)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
+        return tracker.peak
 
     def allocate(self, seq: Sequence) -> None:
         """Zero a newly admitted sequence's pages and fix its random stream."""

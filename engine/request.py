@@ -146,6 +146,7 @@ class EngineInfo:
     kv_page_tokens: int
     kv_page_bytes: int
     generation_defaults: GenerationDefaults  # the checkpoint's sampler settings: what a request's None stands for
+    eager_buckets: tuple[str, ...] = ()  # "ROWSxPAGES" step buckets whose compile or capture failed (or "all")
 
     def kv_bytes_for(self, prompt_len: int, max_tokens: int) -> int:
         """KV bytes a request of this shape is charged: the pages of its prompt and of whole canvases."""

@@ -38,9 +38,12 @@ class Scheduler:
         max_waiting: int,
         bytes_for: Callable[[Sequence], int],
         prefill_chunk: int | None,
+        max_batched_tokens: int | None = None,
     ) -> None:
         self.budget, self.max_num_seqs, self.max_waiting = budget, max_num_seqs, max_waiting
         self.prefill_chunk = prefill_chunk  # None: all pending tokens in one pass
+        # Encoder tokens of one iteration (None: no bound), so that the profiled activation peak holds for any mix.
+        self.max_batched_tokens = max_batched_tokens
         self.bytes_for = bytes_for  # Sequence -> KV bytes it will need at most
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -71,8 +74,16 @@ class Scheduler:
             seq.status, seq.to_encode = Status.RUNNING, list(seq.prompt_ids)
             self.running.append(seq)
             admitted.append(seq)
-        encode = [(s, self._encode_now(s)) for s in self.running if s.to_encode]
-        return Batch(admitted, encode, [s for s in self.running if self._encode_now(s) == len(s.to_encode)])
+        encode, tokens = [], 0
+        for seq in self.running:
+            n = self._encode_now(seq)
+            # A chunk that does not fit waits whole for the next iteration (a partial one would move its offsets).
+            if seq.to_encode and (self.max_batched_tokens is None or tokens + n <= self.max_batched_tokens):
+                encode.append((seq, n))
+                tokens += n
+        encoding = {seq.request_id: n for seq, n in encode}
+        denoise = [s for s in self.running if not s.to_encode or encoding.get(s.request_id) == len(s.to_encode)]
+        return Batch(admitted, encode, denoise)
 
     def _encode_now(self, seq: Sequence) -> int:
         """Pending tokens `seq` encodes this iteration. Its chunks start at fixed offsets of its own tokens, whatever

@@ -293,8 +293,8 @@ def create_app(
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/version")
-    async def version() -> dict[str, str]:
-        return {"version": VERSION}
+    async def version() -> dict[str, Any]:
+        return {"version": VERSION, "eager_step_buckets": list(engine.info.eager_buckets)}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

@@ -191,7 +191,7 @@ def _serve(args: argparse.Namespace) -> None:
     except (DeviceUnavailableError, InsufficientMemoryError) as exc:
         sys.exit(f"dgserve serve: {exc}")
     budget = engine.info.kv_budget_bytes
-    metrics.kv_budget.set(budget)
+    metrics.on_start(engine.info)
     typical = engine.info.kv_bytes_for(1024, 1024)
     logger.info(
         "model %s from %s; KV budget %.1f GiB: %d sequences of 1K prompt + 1K output fit at once (max_num_seqs %d)",
@@ -284,9 +284,11 @@ SERVE_FLAGS = (
     Flag("max-model-len", None, int, fills="engine"),
     Flag("max-waiting", 256, int, fills="engine"),
     Flag("kv-budget-bytes", None, int, fills="engine"),
-    Flag("kv-budget-fraction", 0.5, float, fills="engine"),
+    Flag("kv-budget-fraction", 0.9, float, fills="engine"),
     Flag("prefill-chunk", 2048, int, fills="engine",
          help="prompt tokens a sequence encodes per iteration (bounds a long prompt's memory)"),
+    Flag("max-num-batched-tokens", 8192, int, fills="engine",
+         help="encoder tokens of one iteration, in whole chunks: what the start-up memory profile covers"),
     Flag("playground", kind="off", fills="server", help="do not serve the web playground at /"),
     Flag("stream-prefix", False, kind="toggle", fills="server",
          help="stream each canvas's settled leading tokens before it commits, for requests that leave "

@@ -9,7 +9,7 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from engine.request import StepStats
+from engine.request import EngineInfo, StepStats
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 _STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -59,6 +59,14 @@ class Metrics:
         self.waiting = Gauge("dgserve_num_requests_waiting", "Sequences waiting for admission", registry=registry)
         self.kv_used = Gauge("dgserve_kv_cache_used_bytes", "KV memory charged to sequences", registry=registry)
         self.kv_budget = Gauge("dgserve_kv_cache_budget_bytes", "KV memory budget", registry=registry)
+        self.eager_buckets = Gauge(
+            "dgserve_eager_step_buckets", "Step buckets (ROWSxPAGES) that run eager: their compile or capture failed",
+            ["bucket"], registry=registry,
+        )  # fmt: skip
+        self.capture_failures = Gauge(
+            "dgserve_graph_capture_failures", "Step buckets whose compile or CUDA-graph capture failed at start",
+            registry=registry,
+        )  # fmt: skip
         self.open_connections = Gauge("dgserve_open_connections", "HTTP connections open", registry=registry)
         self.connections_closed = Counter(
             "dgserve_connections_closed", "Connections closed or refused by a limit", ["limit"], registry=registry
@@ -76,6 +84,13 @@ class Metrics:
         info.labels(model_name=model_name).set(1)
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
+
+    def on_start(self, info: EngineInfo) -> None:
+        """Called once the engine is built."""
+        self.kv_budget.set(info.kv_budget_bytes)
+        self.capture_failures.set(len(info.eager_buckets))
+        for bucket in info.eager_buckets:
+            self.eager_buckets.labels(bucket=bucket).set(1)
 
     def on_step(self, stats: StepStats) -> None:
         """Called by the engine thread after every iteration."""

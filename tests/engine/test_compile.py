@@ -7,6 +7,7 @@ traced, so its numbers are the eager ops' numbers: any divergence in tokens is a
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -122,3 +123,23 @@ def test_compile_is_on_by_default_on_cuda_only_and_never_in_reference_mode():
     assert EngineConfig("x", device="cpu", compile=True).compiled
     with pytest.raises(ValueError, match="reference_mode"):
         EngineConfig("x", reference_mode=True, max_num_seqs=1, compile=True)
+
+
+def test_a_bucket_whose_capture_fails_is_logged_as_an_error_and_runs_eager(tiny_checkpoint, caplog, monkeypatch):
+    def engine() -> Engine:
+        return Engine(EngineConfig(str(tiny_checkpoint), device="cpu", dtype="float32", max_num_seqs=1,
+                                   kv_budget_bytes=64 * 2**20))  # fmt: skip
+
+    def out_of_memory(self, static):  # the capture's allocation fails, before anything is compiled
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(StepGraphs, "_capture", out_of_memory)
+    fast = engine()
+    runner = fast.runner
+    with caplog.at_level(logging.ERROR, logger="engine.graphs"):
+        runner.graphs = StepGraphs(runner.step, runner.step_inputs, [1], [2], runner.device, cuda_graphs=True)
+    assert runner.graphs.eager == [(1, 2)] and runner.eager_buckets == ("1x2",)
+    (record,) = caplog.records
+    assert "bucket of 1 rows and 2 pages" in record.message and "Tried to allocate 3.00 GiB" in record.message
+    plan = [(0, "alone", [5, 6, 7], SamplingParams(max_tokens=20, max_denoising_steps=3, seed=1))]
+    assert drive(fast, plan) == drive(engine(), plan)  # the bucket ran, eager

@@ -302,6 +302,19 @@ def test_chunked_prefill_keeps_a_sequence_bit_identical_alone_or_in_a_batch(chun
             assert torch.equal(ours, expected)
 
 
+def test_an_iteration_encodes_at_most_max_num_batched_tokens_in_whole_chunks(tiny_checkpoint):
+    """A chunk that does not fit the bound waits whole (its offsets stay fixed); earlier arrivals go first."""
+    bounded = Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=64 * MiB, max_num_seqs=4, prefill_chunk=16,
+                                  max_num_batched_tokens=32))  # fmt: skip
+    slow = SamplingParams(max_tokens=32, max_denoising_steps=40, stability_threshold=41)  # no commit in the window
+    for i, name in enumerate("abc"):
+        bounded.add_request(name, prompt(40, i), slow)
+    stats = [bounded.step()[1] for _ in range(5)]
+    assert [(s.num_encode_tokens, s.num_denoise_rows) for s in stats] == [(32, 0), (32, 0), (32, 2), (16, 2), (8, 3)]
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= prefill_chunk"):
+        EngineConfig(str(tiny_checkpoint), prefill_chunk=4096, max_num_batched_tokens=2048)
+
+
 def test_reference_mode_prefills_in_one_pass_as_generate_does(tiny_checkpoint):
     ref = Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=64 * MiB, reference_mode=True, max_num_seqs=1,
                               prefill_chunk=8))  # fmt: skip

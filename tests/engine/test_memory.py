@@ -3,6 +3,7 @@ unified-memory GPUs count memory the kernel can reclaim as free. Free memory is 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,7 @@ import engine.engine as engine_module
 import engine.memory as memory
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.memory import InsufficientMemoryError, check_memory, min_kv_bytes, weight_bytes
+from engine.memory import InsufficientMemoryError, check_memory, min_kv_bytes, planned_split, weight_bytes
 from models.config import load_config, model_config_from_dict
 from models.loader import checkpoint_plan
 from models.quant import load_time_plan
@@ -27,23 +28,37 @@ def test_refuses_a_model_that_does_not_fit_naming_the_formats_that_would(tiny_ch
         q: weight_bytes(config, torch.bfloat16, checkpoint_plan(tiny_checkpoint, q)) for q in (None, "fp8", "nvfp4")
     }
     assert size[None] > max(size["fp8"], size["nvfp4"])
-    check_memory(engine_config, config, size[None] + kv)  # fits exactly
+    split = planned_split(engine_config, config, size[None], kv)
+    assert split.activations > 0 and split.graphs > 0  # compiled and captured on CUDA
+    rest = split.activations + split.graphs + kv  # the same in every format
+    check_memory(engine_config, config, split.total)  # fits exactly
 
     with pytest.raises(InsufficientMemoryError) as refused:
-        check_memory(engine_config, config, max(size["fp8"], size["nvfp4"]) + kv)
-    assert "bfloat16 weights" in str(refused.value)
+        check_memory(engine_config, config, max(size["fp8"], size["nvfp4"]) + rest)
+    assert "bfloat16 weights" in str(refused.value) and "activations" in str(refused.value)
     assert "--quantization fp8" in str(refused.value) and "--quantization nvfp4" in str(refused.value)
 
     smaller = min(("fp8", "nvfp4"), key=size.get)
     with pytest.raises(InsufficientMemoryError) as refused:
-        check_memory(engine_config, config, size[smaller] + kv)
-    assert f"Formats that fit: --quantization {smaller} (" in str(refused.value)
+        check_memory(engine_config, config, size[smaller] + rest)
+    assert f"--quantization {smaller} (" in str(refused.value)
     assert str(refused.value).count("--quantization") == 1
 
-    with pytest.raises(InsufficientMemoryError, match="No format fits"):
+    with pytest.raises(InsufficientMemoryError, match="Nothing fits"):
         check_memory(engine_config, config, kv)
     with pytest.raises(InsufficientMemoryError, match="does not fit in CPU memory: float32 weights"):
         check_memory(EngineConfig(str(tiny_checkpoint), device="cpu"), config, 0)  # CPUs are checked too
+
+
+def test_a_refusal_names_the_smaller_settings_that_would_fit(tiny_checkpoint):
+    """Fewer rows or one chunk per iteration shrink the activations (and the KV minimum): the refusal says so."""
+    engine_config = EngineConfig(str(tiny_checkpoint), device="cuda", dtype="bfloat16", max_num_seqs=8)
+    config = load_config(tiny_checkpoint)[0]
+    weights = weight_bytes(config, torch.bfloat16, None)
+    fewer = replace(engine_config, max_num_seqs=4)
+    free = planned_split(fewer, config, weights, min_kv_bytes(config, torch.bfloat16, 4)).total
+    with pytest.raises(InsufficientMemoryError, match="Settings that fit: --max-num-seqs 4"):
+        check_memory(engine_config, config, free)
 
 
 def test_the_engine_checks_before_loading(tiny_checkpoint, monkeypatch):

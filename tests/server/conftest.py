@@ -45,13 +45,18 @@ def free_port() -> int:
 
 
 def start_server(
-    checkpoint: Path, log: Path, *args: str, api_key: str | None = None, env: dict[str, str] | None = None
+    checkpoint: Path,
+    log: Path,
+    *args: str,
+    api_key: str | None = None,
+    env: dict[str, str] | None = None,
+    launcher: tuple[str, ...] = ("-m", "server"),  # or a script that patches torch before it runs the server
 ) -> LiveServer:
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if api_key:
         env["DGSERVE_API_KEY"] = api_key
-    command = [sys.executable, "-m", "server", "serve", "--model", str(checkpoint), "--port", str(port),
+    command = [sys.executable, *launcher, "serve", "--model", str(checkpoint), "--port", str(port),
                "--served-model-name", "tiny", "--kv-budget-bytes", str(256 * 2**20), *args]  # fmt: skip
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     server = LiveServer(f"http://127.0.0.1:{port}", process, log, api_key)

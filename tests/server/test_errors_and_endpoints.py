@@ -80,8 +80,10 @@ def test_models_health_ready_version_metrics(client, server):
     with server.http() as http:
         assert http.get("/health").json() == {"status": "ok"}
         assert http.get("/ready").status_code == 200
-        assert http.get("/version").json()["version"]
+        version = http.get("/version").json()
+        assert version["version"] and version["eager_step_buckets"] == []  # CPU: not compiled, nothing fell back
         text = http.get("/metrics").text
+    assert "dgserve_graph_capture_failures 0.0" in text
     for name in ("dgserve_requests_total", "dgserve_prompt_tokens_total", "dgserve_generation_tokens_total",
                  "dgserve_generation_tokens_per_second", "dgserve_time_to_first_block_seconds_bucket",
                  "dgserve_e2e_request_latency_seconds_bucket", "dgserve_denoise_step_seconds_bucket",

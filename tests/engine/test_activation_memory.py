@@ -1,0 +1,81 @@
+"""The activation formula (engine.memory.ActivationModel) against the live-bytes tracker (issue 23): at the real
+model's shapes on the meta device, one denoising step at B = 1/8/16 and the largest encode batch for both expert
+paths (meta runs the decoder's SDPA on its math path, so the step's formula is taken with fused_attention off); and
+the engine's own profiling pass on the CPU at tiny widths, in both dtypes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.kv_cache import page_bucket
+from engine.memory import ActivationModel, LiveBytes, activation_model
+from engine.model_runner import ModelRunner, measure_activations
+from engine.request import SamplingParams
+from engine.sequence import Sequence
+from models.config import GenerationDefaults
+from models.diffusion_gemma import Experts
+from models.loader import build_model
+from tests.engine.test_memory import real_config
+
+ALIGNMENT, VOCAB_CHUNK, CHUNK = 4, 8192, 2048
+
+
+@pytest.fixture(scope="module", params=["grouped", "every_expert"])
+def runner(request):
+    """A ModelRunner over the real-shaped bf16 model on meta, with its experts forced onto one path."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Experts, "_use_grouped_mm", lambda self, x: request.param == "grouped")
+        config = real_config()
+        model = build_model(config, torch.bfloat16, None, ALIGNMENT)
+        engine_config = EngineConfig("meta", device="meta", dtype="bfloat16", max_num_seqs=16, vocab_chunk=VOCAB_CHUNK)
+        yield request.param, ModelRunner(model, config, engine_config, 9 * 2**30, config.max_position_embeddings)
+
+
+def formula(runner, fused_attention: bool = True) -> ActivationModel:
+    path, r = runner
+    return ActivationModel(r.config, path, ALIGNMENT, VOCAB_CHUNK, fused_attention)
+
+
+@pytest.mark.parametrize(("rows", "context"), [(1, 0), (8, 0), (16, 0), (8, 8192)])
+def test_a_denoising_step_peaks_where_the_formula_says(runner, rows, context):
+    r = runner[1]
+    inputs = r.step_inputs([None] * rows, page_bucket(r.layout.pages_for(context + r.config.canvas_length)))
+    tracker = LiveBytes()
+    with tracker, torch.no_grad():
+        r.step({name: x.to("meta") for name, x in inputs.items()}, self_condition=True, scaled_proposals=True)
+    expected = formula(runner, fused_attention=False).step(rows, context)
+    assert tracker.peak == pytest.approx(expected, rel=0.05)
+
+
+def test_the_largest_encode_batch_peaks_where_the_formula_says(runner):
+    """Four prompts' 2048-token chunks (the default --max-num-batched-tokens), the second chunk of each."""
+    r = runner[1]
+    seqs = []
+    for i in range(4):
+        params = SamplingParams(max_tokens=256).resolve(GenerationDefaults(), 8192, 2 * CHUNK)
+        seq = Sequence(str(i), [1] * 2 * CHUNK, params, r.config.canvas_length, None, None)
+        seq.slot, seq.pages = r.budget.allocate(r.layout.page_bytes * r.layout.pages_for(3 * CHUNK))
+        r.allocate(seq)
+        seq.to_encode, seq.length = seq.prompt_ids[CHUNK:], CHUNK
+        seqs.append(seq)
+    tracker = LiveBytes()
+    with tracker:
+        r.encode([(seq, CHUNK) for seq in seqs])
+    assert tracker.peak == pytest.approx(formula(runner).encode([CHUNK] * 4, CHUNK), rel=0.05)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_profiling_pass_measures_what_the_formula_says_at_tiny_widths(tiny_checkpoint, dtype):
+    """measure_activations, which sizes the KV pool on CUDA, here through LiveBytes."""
+    engine = Engine(EngineConfig(str(tiny_checkpoint), dtype=dtype, kv_budget_bytes=64 * 2**20))
+    for rows, context, chunks in ((1, 64, [64]), (8, 1024, [128] * 4)):
+        config = replace(engine.config, max_num_seqs=rows)
+        formula = activation_model(config, engine.model_config)
+        expected = max(formula.step(rows, context), formula.encode(chunks))
+        peak = measure_activations(engine.model, engine.model_config, config, context, chunks)
+        assert peak == pytest.approx(expected, rel=0.05)
