@@ -68,7 +68,11 @@ class OpCounter(TorchDispatchMode):
 
 
 def _zeros_like_output(func, args, kwargs) -> torch.Tensor:
-    """Zeros of the output that func's meta (fake) kernel gives for these arguments."""
+    """Zeros of the output that func's meta (fake) kernel gives for these arguments. torch's fp8 grouped GEMM gives
+    bf16 only; these counts run the model in fp32 (bf16 GEMMs crawl on CPU), so its output is sized by hand."""
+    if func._schema.name == "aten::_scaled_grouped_mm":
+        named = {arg.name: value for arg, value in zip(func._schema.arguments, args, strict=False)} | kwargs
+        return torch.zeros(named["self"].shape[0], named["mat2"].shape[-1], dtype=named.get("out_dtype"))
     with FakeTensorMode() as fake:
         out = func(*pytree.tree_map_only(torch.Tensor, fake.from_tensor, args), **kwargs)
     return torch.zeros(out.shape, dtype=out.dtype)
