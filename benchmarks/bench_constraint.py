@@ -18,6 +18,7 @@ from collections import defaultdict
 
 import torch
 
+from benchmarks import step_times
 from engine.config import EngineConfig
 from engine.constraint import Constraint
 from engine.engine import Engine
@@ -51,12 +52,7 @@ def run(engine: Engine, grammars: Grammars | None, args: argparse.Namespace) -> 
         params = SamplingParams(max_tokens=args.max_tokens, max_denoising_steps=args.steps, stability_threshold=0,
                                 stop_token_ids=(), seed=i)  # fmt: skip
         engine.add_request(f"r{i}", prompt, params, constraint)
-    steps = []
-    while engine.has_unfinished():
-        t0 = time.perf_counter()
-        engine.step()
-        steps.append(time.perf_counter() - t0)
-    return steps
+    return step_times(engine)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import step_times
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.model_runner import ModelRunner
@@ -47,12 +48,7 @@ def run(engine: Engine, logprobs: int | None, args: argparse.Namespace) -> list[
         params = SamplingParams(max_tokens=args.max_tokens, max_denoising_steps=args.steps, confidence_threshold=1e-9,
                                 stop_token_ids=(), seed=i, logprobs=logprobs)  # fmt: skip
         engine.add_request(f"r{i}", prompt, params)
-    steps = []
-    while engine.has_unfinished():
-        t0 = time.perf_counter()
-        engine.step()
-        steps.append(time.perf_counter() - t0)
-    return steps
+    return step_times(engine)
 
 
 def main() -> None:

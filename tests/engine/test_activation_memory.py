@@ -19,26 +19,38 @@ from engine.request import SamplingParams
 from engine.sequence import Sequence
 from models.config import GenerationDefaults
 from models.diffusion_gemma import Experts
+from models.gemm_path import ExpertPath, expert_path
 from models.loader import build_model
 from tests.engine.test_memory import real_config
 
 ALIGNMENT, VOCAB_CHUNK, CHUNK = 4, 8192, 2048
 
 
-@pytest.fixture(scope="module", params=["grouped", "every_expert"])
+# The experts' kernels (models.gemm_path): torch's grouped_mm (the CPU's, sm90's), the Triton grouped GEMM with an
+# H100's 64-row tiles (every other GPU), and every expert on every token (no grouped GEMM at all).
+PATHS = {
+    "grouped_mm": ExpertPath("grouped_mm", "dense"),
+    "triton": expert_path(torch.device("meta"), torch.float32, None, "sm90"),
+    "every_expert": ExpertPath("every_expert", "dense"),
+}
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
 def runner(request):
-    """A ModelRunner over the real-shaped bf16 model on meta, with its experts forced onto one path."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Experts, "_use_grouped_mm", lambda self, x: request.param == "grouped")
-        config = real_config()
-        model = build_model(config, torch.bfloat16, None, ALIGNMENT)
-        engine_config = EngineConfig("meta", device="meta", dtype="bfloat16", max_num_seqs=16, vocab_chunk=VOCAB_CHUNK)
-        yield request.param, ModelRunner(model, config, engine_config, 9 * 2**30, config.max_position_embeddings)
+    """A ModelRunner over the real-shaped bf16 model on meta, with its experts on one path."""
+    config = real_config()
+    model = build_model(config, torch.bfloat16, None, ALIGNMENT)
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.set_path(PATHS[request.param])
+    engine_config = EngineConfig("meta", device="meta", dtype="bfloat16", max_num_seqs=16, vocab_chunk=VOCAB_CHUNK)
+    return model.layers[0].experts, ModelRunner(model, config, engine_config, 9 * 2**30, config.max_position_embeddings)
 
 
 def formula(runner, fused_attention: bool = True) -> ActivationModel:
-    path, r = runner
-    return ActivationModel(r.config, path, ALIGNMENT, VOCAB_CHUNK, fused_attention)
+    experts, r = runner
+    path = "every_expert" if experts.path.kernel == "every_expert" else "grouped"
+    return ActivationModel(r.config, path, experts.row_alignment, VOCAB_CHUNK, fused_attention)
 
 
 @pytest.mark.parametrize(("rows", "context"), [(1, 0), (8, 0), (16, 0), (8, 8192)])

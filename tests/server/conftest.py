@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -36,6 +37,18 @@ class LiveServer:
 
     def logs(self) -> str:
         return self.log.read_text()
+
+    def sse_events(self, path: str, body: dict) -> list[tuple[str, dict]]:
+        """A streamed POST's events as (the SSE `event:` name, the JSON data), in order."""
+        with self.http() as http, http.stream("POST", path, json=body) as response:
+            assert response.status_code == 200
+            events, name = [], None
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line[6:])))
+        return events
 
 
 def free_port() -> int:

@@ -36,18 +36,6 @@ def claude(server) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=server.url, api_key="EMPTY", max_retries=0)
 
 
-def sse_events(server, body: dict) -> list[tuple[str, dict]]:
-    with server.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
-        assert response.status_code == 200
-        events, name = [], None
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line[6:])))
-    return events
-
-
 def test_a_message_and_count_tokens_agree(claude):
     request = dict(model="tiny", max_tokens=24, system="Be brief.", messages=HI, extra_body={"seed": 3, **FAST})
     reply = claude.messages.create(**request)
@@ -60,7 +48,8 @@ def test_a_message_and_count_tokens_agree(claude):
 
 
 def test_streamed_events_follow_anthropics_grammar_and_the_sdk_assembles_them(claude, server):
-    events = sse_events(server, {"model": "tiny", "max_tokens": 24, "messages": HI, "stream": True, "seed": 3, **FAST})
+    body = {"model": "tiny", "max_tokens": 24, "messages": HI, "stream": True, "seed": 3, **FAST}
+    events = server.sse_events("/v1/messages", body)
     assert all(name == data["type"] for name, data in events)
     kinds = [name for name, _ in events]
     deltas = kinds.count("content_block_delta")
@@ -84,7 +73,7 @@ def test_tool_use_validates_and_streams_as_input_json_deltas(claude, server, too
         jsonschema.validate(call.input, SCHEMAS[call.name])
     if tool_choice["type"] == "tool":
         assert [call.name for call in calls] == ["get_time"]
-    events = sse_events(server, {**request, "stream": True, "seed": 1, **FAST})
+    events = server.sse_events("/v1/messages", {**request, "stream": True, "seed": 1, **FAST})
     streamed = "".join(d["delta"]["partial_json"] for n, d in events if n == "content_block_delta")
     assert json.loads(streamed if len(calls) == 1 else json.dumps(calls[0].input)) == calls[0].input
 

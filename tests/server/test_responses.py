@@ -31,18 +31,6 @@ WEATHER = {
 SCHEMAS = {t["name"]: t["parameters"] for t in (TIME, WEATHER)}
 
 
-def sse_events(server, body: dict) -> list[tuple[str, dict]]:
-    with server.http() as http, http.stream("POST", "/v1/responses", json=body) as response:
-        assert response.status_code == 200
-        events, name = [], None
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line[6:])))
-    return events
-
-
 def test_a_response_and_the_same_seed_gives_the_same_text(client, server):
     request = dict(model="tiny", input="Hi", instructions="Be brief.", max_output_tokens=24,
                    extra_body={"seed": 3, **FAST})  # fmt: skip
@@ -60,7 +48,7 @@ def test_a_response_and_the_same_seed_gives_the_same_text(client, server):
 
 def test_streamed_events_follow_openais_grammar_and_the_sdk_assembles_them(client, server):
     body = {"model": "tiny", "input": "Hi", "max_output_tokens": 24, "stream": True, "seed": 3, **FAST}
-    events = sse_events(server, body)
+    events = server.sse_events("/v1/responses", body)
     assert all(name == data["type"] for name, data in events)
     assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
     kinds = [name for name, _ in events]
@@ -102,7 +90,7 @@ def test_forced_function_calls_validate_streamed_or_not(client, server, tool_cho
         assert [call.name for call in calls] == ["get_time"]
     body = {"model": "tiny", "input": "Time?", "tools": [TIME, WEATHER], "tool_choice": tool_choice,
             "max_output_tokens": 96, "stream": True, "seed": 1, **FAST}  # fmt: skip
-    events = sse_events(server, body)
+    events = server.sse_events("/v1/responses", body)
     done = [data for name, data in events if name == "response.function_call_arguments.done"]
     assert [d["arguments"] for d in done] == [call.arguments for call in calls]
 
