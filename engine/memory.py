@@ -74,7 +74,7 @@ class MemorySplit:
 
     def __str__(self) -> str:
         parts = {"weights": self.weights, "activations": self.activations, "graphs": self.graphs, "KV": self.kv}
-        return " + ".join(f"{name} {_size(size)}" for name, size in parts.items())
+        return " + ".join(f"{name} {_size(size)}" for name, size in parts.items() if size or name == "weights")
 
 
 def _size(n: int) -> str:
@@ -117,10 +117,10 @@ def planned_split(engine_config: EngineConfig, config: ModelConfig, weights: int
 
 
 def check_memory(engine_config: EngineConfig, config: ModelConfig, free: int) -> None:
-    """Refuse, before any weight is read, a model that cannot fit, naming the formats that would. The KV cache
-    counted is the configured budget, else its minimum. On the CPU `free` is MemAvailable and the weights are counted
-    at the load dtype (fp32 unless --dtype bfloat16): the real checkpoint in fp32 (about 101 GB) would otherwise be
-    OOM-killed, or swap for minutes, before anyone saw why."""
+    """Refuse, before any weight is read, a model that cannot fit, naming the settings and formats that would. On a
+    GPU the whole split counts (the KV cache at the configured budget, else its minimum). On the CPU `free` is
+    MemAvailable and the weights at the load dtype (fp32 unless --dtype bfloat16) plus the minimum KV count: the real
+    checkpoint in fp32 (about 101 GB) would otherwise be OOM-killed, or swap for minutes, before anyone saw why."""
     device = engine_config.torch_device
     if device.type not in ("cuda", "cpu"):
         return
@@ -130,6 +130,8 @@ def check_memory(engine_config: EngineConfig, config: ModelConfig, free: int) ->
 
     def split(settings: EngineConfig, weights: int = weights) -> MemorySplit:
         kv = settings.kv_budget_bytes or min_kv_bytes(config, dtype, settings.max_num_seqs)
+        if device.type == "cpu":  # CPU pages are committed as they are touched: a budget or a peak is no allocation
+            return MemorySplit(weights, 0, 0, min_kv_bytes(config, dtype, settings.max_num_seqs))
         return planned_split(settings, config, weights, kv)
 
     needed = split(engine_config)

@@ -132,5 +132,5 @@ def test_a_cpu_load_too_big_for_memory_is_refused_with_the_numbers_before_any_we
     with pytest.raises(SystemExit) as refused:
         main(["serve", "--model", str(tmp_path), "--port", "0"])
     message = str(refused.value.code)
-    assert "the model does not fit in CPU memory: float32 weights 94.1" in message and "+ KV" in message
+    assert "the model does not fit in CPU memory: float32 weights 94.07 GiB + KV" in message
     assert "GiB free" in message and "no CUDA GPU is usable" in message
