@@ -37,7 +37,7 @@ from engine.request import (
 from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence
 from models.config import GenerationDefaults, ModelConfig, load_config
-from models.diffusion_gemma import DiffusionGemma
+from models.diffusion_gemma import DiffusionGemma, Experts
 from models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ class Engine:
         config, device = self.config, self.config.torch_device
         weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
         settings = replace(config, max_model_len=max_model_len)
-        planned = planned_split(settings, self.model_config, weights, 0)
+        w8a8 = any(isinstance(m, Experts) and m.path.weights == "fp8_w8a8" for m in self.model.modules())
+        planned = planned_split(settings, self.model_config, weights, 0, w8a8)
         activations = planned.activations
         if device.type == "cuda":  # measured: the kernels and the allocator as they run here
             activations = measure_activations(

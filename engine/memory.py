@@ -81,9 +81,10 @@ def _size(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
-def activation_model(engine_config: EngineConfig, config: ModelConfig) -> ActivationModel:
+def activation_model(engine_config: EngineConfig, config: ModelConfig, w8a8: bool = False) -> ActivationModel:
     """The formula for this engine: every GPU format runs a grouped GEMM whose groups are padded to its kernel's
-    block of up to 64 rows; the CPU's are padded to 4 (batch invariance)."""
+    block of up to 64 rows (models.gemm_path); the CPU's are padded to 4 (batch invariance). `w8a8`: fp8 experts
+    multiply fp8 activations (sm89 and newer)."""
     gpu = engine_config.torch_device.type == "cuda"
     return ActivationModel(
         config,
@@ -92,6 +93,7 @@ def activation_model(engine_config: EngineConfig, config: ModelConfig) -> Activa
         engine_config.sampler_chunk,
         element_size=torch.empty((), dtype=engine_config.torch_dtype).element_size(),
         device=engine_config.torch_device.type,
+        w8a8=w8a8,
     )
 
 
@@ -104,12 +106,14 @@ def largest_encode(engine_config: EngineConfig) -> list[int]:
     return [chunk] * min(engine_config.max_num_seqs, engine_config.max_num_batched_tokens // chunk)
 
 
-def planned_split(engine_config: EngineConfig, config: ModelConfig, weights: int, kv: int) -> MemorySplit:
+def planned_split(
+    engine_config: EngineConfig, config: ModelConfig, weights: int, kv: int, w8a8: bool = False
+) -> MemorySplit:
     """The split the formula predicts: the largest step is max_num_seqs rows at the longest context (every row's
     keys are gathered to the longest row's width), and the CUDA graphs hold the workspace of the largest captured
     step (graphs are captured up to max_capture_len; the shared pool serves the smaller ones)."""
     context = engine_config.max_model_len or config.max_position_embeddings
-    formula, rows = activation_model(engine_config, config), engine_config.max_num_seqs
+    formula, rows = activation_model(engine_config, config, w8a8), engine_config.max_num_seqs
     activations = max(formula.step(rows, context), formula.encode(largest_encode(engine_config)))
     captured = engine_config.compiled and engine_config.cuda_graphs and engine_config.torch_device.type == "cuda"
     graphs = formula.step(rows, min(context, engine_config.max_capture_len)) if captured else 0
@@ -132,7 +136,8 @@ def check_memory(engine_config: EngineConfig, config: ModelConfig, free: int) ->
         kv = settings.kv_budget_bytes or min_kv_bytes(config, dtype, settings.max_num_seqs)
         if device.type == "cpu":  # CPU pages are committed as they are touched: a budget or a peak is no allocation
             return MemorySplit(weights, 0, 0, min_kv_bytes(config, dtype, settings.max_num_seqs))
-        return planned_split(settings, config, weights, kv)
+        # fp8 on a GPU: counted as W8A8 (sm89 and newer), whose activations are the larger
+        return planned_split(settings, config, weights, kv, w8a8=plan is not None and plan.scheme == "fp8")
 
     needed = split(engine_config)
     if needed.total <= free:
@@ -192,6 +197,7 @@ class ActivationModel:
     fused_attention: bool = True
     element_size: int = 2  # the activation dtype's
     device: str = "cuda"  # the device type: the CPU's sampler copies chunks of the embedding to fp32
+    w8a8: bool = False  # fp8 experts times fp8 activations: the row buffer is quantized per row before each GEMM
 
     RESIDUALS = 6
 
@@ -238,7 +244,11 @@ class ActivationModel:
             return e * tokens * (3 * i + h) * s
         rows = tokens * k + e * (self.row_alignment - 1)
         # the row buffer and its output [R, H], gate/up [R, 2I], hidden [R, I]; the pairs' outputs [T*K, H]; the sort
-        return rows * (2 * h + 3 * i) * s + tokens * k * (h * s + 32)
+        grouped = rows * (2 * h + 3 * i) * s + tokens * k * (h * s + 32)
+        if not self.w8a8:
+            return grouped
+        # models.quant.quantize_rows of the row buffer: its fp32 copy and the fp32 quotient, beside the buffer
+        return max(grouped, rows * h * (s + 8) + tokens * k * 32)
 
     def _attention(self, g: LayerGeometry, rows: int, queries: int, keys: int, math_path: bool = False) -> int:
         """One layer's attention: q/k/v projections and their normed, rotated copies, the gathered keys of a full

@@ -19,30 +19,38 @@ from engine.request import SamplingParams
 from engine.sequence import Sequence
 from models.config import GenerationDefaults
 from models.diffusion_gemma import Experts
-from models.gemm_path import ExpertPath, expert_path
-from models.loader import build_model
+from models.gemm_path import ExpertPath
+from models.loader import build_model, choose_kernels
+from models.quant import load_time_plan
 from tests.engine.test_memory import real_config
 
 ALIGNMENT, VOCAB_CHUNK, CHUNK = 4, 8192, 2048
 
 
-# The experts' kernels (models.gemm_path): torch's grouped_mm (the CPU's, sm90's), the Triton grouped GEMM with an
-# H100's 64-row tiles (every other GPU), and every expert on every token (no grouped GEMM at all).
+# The experts' kernels as each card class runs them (models.gemm_path), by weight format: torch's grouped_mm (sm90,
+# the CPU), the Triton grouped GEMM (other GPUs: bf16, fp8 x fp8 on sm89, nvfp4), torch's fp8 grouped GEMM (sm90), and
+# every expert on every token (no grouped GEMM at all).
 PATHS = {
-    "grouped_mm": ExpertPath("grouped_mm", "dense"),
-    "triton": expert_path(torch.device("meta"), torch.float32, None, "sm90"),
-    "every_expert": ExpertPath("every_expert", "dense"),
+    "grouped_mm": (None, "sm90"),
+    "triton": (None, "sm86"),
+    "fp8_w8a8-triton": ("fp8", "sm89"),
+    "fp8_w8a8-torch": ("fp8", "sm90"),
+    "nvfp4-triton": ("nvfp4", "sm120"),
+    "every_expert": (None, None),
 }
 
 
 @pytest.fixture(scope="module", params=list(PATHS))
 def runner(request):
-    """A ModelRunner over the real-shaped bf16 model on meta, with its experts on one path."""
+    """A ModelRunner over the real-shaped model on meta (bf16, or quantized at load), its kernels those of a card."""
     config = real_config()
-    model = build_model(config, torch.bfloat16, None, ALIGNMENT)
-    for module in model.modules():
-        if isinstance(module, Experts):
-            module.set_path(PATHS[request.param])
+    scheme, device_class = PATHS[request.param]
+    model = build_model(config, torch.bfloat16, load_time_plan(scheme) if scheme else None, ALIGNMENT)
+    choose_kernels(model, torch.device("meta"), torch.bfloat16, device_class)
+    if device_class is None:
+        for module in model.modules():
+            if isinstance(module, Experts):
+                module.set_path(ExpertPath("every_expert", "dense"))
     engine_config = EngineConfig("meta", device="meta", dtype="bfloat16", max_num_seqs=16, vocab_chunk=VOCAB_CHUNK)
     return model.layers[0].experts, ModelRunner(model, config, engine_config, 9 * 2**30, config.max_position_embeddings)
 
@@ -50,7 +58,8 @@ def runner(request):
 def formula(runner, fused_attention: bool = True) -> ActivationModel:
     experts, r = runner
     path = "every_expert" if experts.path.kernel == "every_expert" else "grouped"
-    return ActivationModel(r.config, path, experts.row_alignment, VOCAB_CHUNK, fused_attention)
+    w8a8 = experts.path.weights == "fp8_w8a8"
+    return ActivationModel(r.config, path, experts.row_alignment, VOCAB_CHUNK, fused_attention, w8a8=w8a8)
 
 
 @pytest.mark.parametrize(("rows", "context"), [(1, 0), (8, 0), (16, 0), (8, 8192)])
