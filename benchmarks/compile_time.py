@@ -64,12 +64,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         write_random_checkpoint(directory, "structure", seed=0, dtype=torch.bfloat16)
         for scheme in (None if q == "none" else q for q in args.quantization.split(",")):
-            loaded = load_model(directory, torch.float32, "cpu", progress=False, expert_row_alignment=4,
+            loaded = load_model(directory, torch.bfloat16, "cpu", progress=False, expert_row_alignment=4,
                                 quantization=scheme)  # fmt: skip
             for device_class in args.device_class.split(","):
-                # The kernels of a bf16 model on that class, run in fp32 (bf16 GEMMs crawl on CPU): the same graph.
-                choose_kernels(loaded[0], torch.device("cpu"), torch.bfloat16, device_class)
-                config = EngineConfig(directory, device="cpu", dtype="float32", max_num_seqs=1, kv_budget_bytes=2**30)
+                choose_kernels(loaded[0], torch.device("cpu"), torch.bfloat16, device_class)  # a bf16 model on that GPU
+                config = EngineConfig(directory, device="cpu", dtype="bfloat16", max_num_seqs=1, kv_budget_bytes=2**30)
                 engine = Engine(config, model=loaded)
                 seconds, nodes = compile_step(engine, inductor=False)
                 line = f"{scheme or 'bf16':>5} {device_class:>5}: dynamo + AOT {seconds:6.1f} s, {nodes} aten nodes"
