@@ -57,9 +57,7 @@ class StepGraphs:
         self.eager_step = partial(step, self_condition=True, scaled_proposals=True)
         self.eager: list[tuple[int, int]] = []  # (rows, pages) of the buckets whose compile or capture failed
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
-        self.compiled = torch.compile(
-            partial(step, self_condition=True, scaled_proposals=True), fullgraph=True, backend=backend
-        )
+        self.compiled = torch.compile(self.eager_step, fullgraph=True, backend=backend)
         self.pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.buckets: dict[tuple[int, int], tuple[dict[str, torch.Tensor], Callable[[], Outputs]]] = {}
         # Largest first: smaller graphs then reuse the shared pool's memory.

@@ -133,11 +133,12 @@ def check_memory(engine_config: EngineConfig, config: ModelConfig, free: int) ->
     weights = weight_bytes(config, dtype, plan)
 
     def split(settings: EngineConfig, weights: int = weights) -> MemorySplit:
-        kv = settings.kv_budget_bytes or min_kv_bytes(config, dtype, settings.max_num_seqs)
+        min_kv = min_kv_bytes(config, dtype, settings.max_num_seqs)
         if device.type == "cpu":  # CPU pages are committed as they are touched: a budget or a peak is no allocation
-            return MemorySplit(weights, 0, 0, min_kv_bytes(config, dtype, settings.max_num_seqs))
+            return MemorySplit(weights, 0, 0, min_kv)
         # fp8 on a GPU: counted as W8A8 (sm89 and newer), whose activations are the larger
-        return planned_split(settings, config, weights, kv, w8a8=plan is not None and plan.scheme == "fp8")
+        w8a8 = plan is not None and plan.scheme == "fp8"
+        return planned_split(settings, config, weights, settings.kv_budget_bytes or min_kv, w8a8)
 
     needed = split(engine_config)
     if needed.total <= free:
