@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import BlockCommitted, CanvasInit, Finished, SamplingParams
+from engine.request import BlockCommitted, CanvasInit, Finished, Request, SamplingParams
 from models.hub import DEMO_CHECKPOINT
 
 QUESTIONS = ["Tell me about list displays.", "How does the while loop work?", "What is the try statement?",
@@ -29,7 +29,7 @@ QUESTIONS = ["Tell me about list displays.", "How does the while loop work?", "W
 
 def run(engine: Engine, ids: list[int], params: SamplingParams, canvas: CanvasInit | None = None) -> dict:
     """One request alone: its tokens, time to first token, total seconds and denoising steps."""
-    engine.add_request("r", ids, params, canvas=canvas)
+    engine.add_request(Request("r", tuple(ids), params, canvas_init=canvas))
     start, first, tokens, steps = time.perf_counter(), None, [], 0
     while engine.has_unfinished():
         for event in engine.step()[0]:

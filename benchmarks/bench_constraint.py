@@ -23,7 +23,7 @@ from engine.config import EngineConfig
 from engine.constraint import Constraint
 from engine.engine import Engine
 from engine.model_runner import ModelRunner
-from engine.request import SamplingParams
+from engine.request import Request, SamplingParams
 from models.random_checkpoint import write_random_checkpoint
 from server.structured import Grammars
 from server.text import Tokenizer
@@ -49,9 +49,9 @@ def run(engine: Engine, grammars: Grammars | None, args: argparse.Namespace) -> 
         constraint = None
         if grammars is not None and i == args.rows - 1:
             constraint = grammars.constraint(grammars.json_schema({"type": "object"}, "bench"), args.max_tokens)
-        params = SamplingParams(max_tokens=args.max_tokens, max_denoising_steps=args.steps, stability_threshold=0,
+        params = SamplingParams(max_tokens=args.max_tokens, steps=args.steps, stability_threshold=0,
                                 stop_token_ids=(), seed=i)  # fmt: skip
-        engine.add_request(f"r{i}", prompt, params, constraint)
+        engine.add_request(Request(f"r{i}", tuple(prompt), params, constraint))
     return step_times(engine)
 
 

@@ -1,7 +1,7 @@
 """Engine vs transformers reference on the "bench" checkpoint (real 262,144 vocabulary, small everything else).
 
 Both run fp32 on CPU with 2 threads, one 256-token canvas per sequence and exactly N denoising steps
-(`max_denoising_steps=N, stability_threshold=N+1`, spec 12). Per batch size B it reports output tokens/s, ms per
+(`steps=N, stability_threshold=N+1`, spec 12). Per batch size B it reports output tokens/s, ms per
 denoising step (the reference's split into forward and sampler) and memory growth during generation, then checks:
 ours >= 6x the reference's tok/s at B=1, >= 6x at B=4 against the reference run one sequence at a time, and
 memory growth per row <= 1/10 of the reference's.
@@ -33,7 +33,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import BlockCommitted, SamplingParams
+from engine.request import BlockCommitted, Request, SamplingParams
 from models.random_checkpoint import write_random_checkpoint
 
 CANVAS = 256  # new tokens per sequence: one canvas
@@ -124,13 +124,11 @@ def run_engine(checkpoint: str, steps: int, rows: int, compile: bool = False) ->
 
     def params(n: int, seed: int) -> SamplingParams:
         # No stop tokens, so that every sequence yields its whole canvas, as the reference's output does.
-        return SamplingParams(
-            max_tokens=CANVAS, max_denoising_steps=n, stability_threshold=n + 1, seed=seed, stop_token_ids=()
-        )
+        return SamplingParams(max_tokens=CANVAS, steps=n, stability_threshold=n + 1, seed=seed, stop_token_ids=())
 
     engine.generate({"warmup": (prompt_ids(0), params(WARMUP_STEPS, 0))})
     for i in range(rows):
-        engine.add_request(f"r{i}", prompt_ids(i), params(steps, i))
+        engine.add_request(Request(f"r{i}", tuple(prompt_ids(i)), params(steps, i)))
     tokens, denoise, encode = 0, [], 0.0
     others, t0 = others_cpu_s(), time.perf_counter()
     while engine.has_unfinished():

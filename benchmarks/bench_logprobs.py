@@ -22,7 +22,7 @@ from benchmarks import step_times
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.model_runner import ModelRunner
-from engine.request import SamplingParams
+from engine.request import Request, SamplingParams
 from models.random_checkpoint import write_random_checkpoint
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
@@ -45,9 +45,9 @@ def run(engine: Engine, logprobs: int | None, args: argparse.Namespace) -> list[
     prompt = list(range(200, 232))
     for i in range(args.rows):
         # Every canvas runs all its steps (no early stop): one committing step in `steps`.
-        params = SamplingParams(max_tokens=args.max_tokens, max_denoising_steps=args.steps, confidence_threshold=1e-9,
+        params = SamplingParams(max_tokens=args.max_tokens, steps=args.steps, confidence_threshold=1e-9,
                                 stop_token_ids=(), seed=i, logprobs=logprobs)  # fmt: skip
-        engine.add_request(f"r{i}", prompt, params)
+        engine.add_request(Request(f"r{i}", tuple(prompt), params))
     return step_times(engine)
 
 

@@ -20,7 +20,7 @@ import torch
 from benchmarks.bench_engine import MiB, reset_peak_rss, rss_bytes
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import SamplingParams
+from engine.request import Request, SamplingParams
 from models.hub import resolve_checkpoint
 
 
@@ -34,11 +34,11 @@ def run_prefill(length: int, chunk: int) -> tuple[float, float]:
         max_num_batched_tokens=max(chunk, 8192),
     )  # one pass: the whole prompt in one batch
     engine = Engine(config)
-    params = SamplingParams(max_tokens=16, max_denoising_steps=1, seed=0)
+    params = SamplingParams(max_tokens=16, steps=1, seed=0)
     engine.generate({"warmup": ([5] * 64, params)})
     loaded = rss_bytes("VmRSS")
     reset_peak_rss()
-    engine.add_request("long", [5 + i % 900 for i in range(length)], params)
+    engine.add_request(Request("long", tuple([5 + i % 900 for i in range(length)]), params))
     start = time.perf_counter()
     while engine.step()[1].num_denoise_rows == 0:
         pass

@@ -59,14 +59,14 @@ def speed_table() -> None:
             "bf16 --quantization nvfp4": (bf16, "nvfp4")}  # fmt: skip
     for fmt in FORMATS:
         runs[fmt] = (write_quantized_checkpoint(root / fmt, fmt, "bench"), None)
-    params = SamplingParams(max_tokens=256, max_denoising_steps=4, seed=0, stop_token_ids=())
+    params = SamplingParams(max_tokens=256, steps=4, seed=0, stop_token_ids=())
     print("| checkpoint | load s | CPU tok/s (fp32, 256 tokens, 4 steps) |")
     for name, (path, quantization) in runs.items():
         started = time.perf_counter()
         engine = Engine(EngineConfig(str(path), device="cpu", quantization=quantization, kv_budget_bytes=256 * 2**20,
                                      max_num_seqs=1))  # fmt: skip
         loaded = time.perf_counter() - started
-        engine.generate({"warmup": ([2, 105, 9], SamplingParams(max_tokens=8, max_denoising_steps=2, seed=0))})
+        engine.generate({"warmup": ([2, 105, 9], SamplingParams(max_tokens=8, steps=2, seed=0))})
         started = time.perf_counter()
         engine.generate({"r": ([2, 105, 9, 44, 301], params)})
         print(f"| {name} | {loaded:.2f} | {256 / (time.perf_counter() - started):.1f} |")

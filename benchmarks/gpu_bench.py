@@ -29,7 +29,7 @@ import torch
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.memory import LiveBytes
-from engine.request import BlockCommitted, Failed, Finished, SamplingParams
+from engine.request import BlockCommitted, Failed, Finished, Request, SamplingParams
 from models.quantized_checkpoint import write_quantized_checkpoint
 from models.random_checkpoint import config_json, random_model, write_random_checkpoint
 
@@ -90,12 +90,12 @@ def quantized_parity(device: torch.device, scheme: str) -> None:
 
 def denoising(engine: Engine, rows: int, context: int) -> list[str]:
     """`rows` sequences with `context`-token prompts, prefilled and mid-canvas; returns their request ids."""
-    params = SamplingParams(max_tokens=512, max_denoising_steps=48, stability_threshold=1000, stop_token_ids=())
+    params = SamplingParams(max_tokens=512, steps=48, stability_threshold=1000, stop_token_ids=())
     ids = [f"{context}-{rows}-{i}-{time.monotonic_ns()}" for i in range(rows)]
     for i, request_id in enumerate(ids):
         prompt = torch.randint(3, engine.info.vocab_size, (context,), generator=torch.Generator().manual_seed(i))
         prompt = prompt.tolist()
-        engine.add_request(request_id, prompt, params)
+        engine.add_request(Request(request_id, tuple(prompt), params))
     while engine.scheduler.waiting or any(s.to_encode or not s.canvas_steps for s in engine.scheduler.running):
         engine.step()
     return ids
@@ -184,10 +184,10 @@ def stress(make: Callable[[], Engine], prompt_len: int, seconds: float, device: 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     engine = make()
-    params = SamplingParams(max_tokens=512, max_denoising_steps=8, stop_token_ids=())
+    params = SamplingParams(max_tokens=512, steps=8, stop_token_ids=())
     for i in range(16):
         prompt = torch.randint(3, engine.info.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(i))
-        engine.add_request(f"stress-{i}", prompt.tolist(), params)
+        engine.add_request(Request(f"stress-{i}", tuple(prompt.tolist()), params))
     tracker = LiveBytes()
     failed, finished, steps, batch = [], 0, 0, 0
     start = time.perf_counter()

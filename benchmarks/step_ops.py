@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import EngineConfig
 from engine.engine import Engine, LoadedModel
-from engine.request import SamplingParams
+from engine.request import Request, SamplingParams
 from models.gemm_path import DEVICE_CLASS_CHOICES
 from models.loader import choose_kernels, load_model
 from models.random_checkpoint import write_random_checkpoint
@@ -83,9 +83,9 @@ def denoising_engine(checkpoint: str, rows: int, model: LoadedModel | None = Non
     `model`: already loaded (load_model's result) instead of read from `checkpoint`."""
     engine = Engine(EngineConfig(checkpoint, device="cpu", dtype="float32", max_num_seqs=rows,
                                  kv_budget_bytes=rows * 2**30, **config), model=model)  # fmt: skip
-    params = SamplingParams(max_tokens=256, max_denoising_steps=48, stability_threshold=100, seed=0)
+    params = SamplingParams(max_tokens=256, steps=48, stability_threshold=100, seed=0)
     for i in range(rows):
-        engine.add_request(f"r{i}", list(range(3, 11 + i)), params)
+        engine.add_request(Request(f"r{i}", tuple(list(range(3, 11 + i))), params))
     while any(s.to_encode or s.canvas_steps == 0 for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
     return engine

@@ -18,29 +18,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
-from engine.constraint import Constraint
 from engine.engine import Engine
-from engine.request import (
-    CanvasInit,
-    EngineDeadError,
-    EngineEvent,
-    EngineInfo,
-    Failed,
-    Finished,
-    SamplingParams,
-    StepStats,
-)
+from engine.request import EngineDeadError, EngineEvent, EngineInfo, Failed, Finished, Request, StepStats
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class _Add:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    constraint: Constraint | None
-    canvas: CanvasInit | None
+    request: Request
     events: asyncio.Queue[EngineEvent]
     loop: asyncio.AbstractEventLoop
     accepted: Future[None]
@@ -80,22 +66,14 @@ class AsyncEngine:
         self._thread.start()
         loaded.result()
 
-    async def add_request(
-        self,
-        request_id: str,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        constraint: Constraint | None = None,
-        canvas: CanvasInit | None = None,
-    ) -> RequestStream:
-        """Submit a request (Engine.add_request's arguments); raises InvalidRequestError (bad input) or
-        QueueFullError before any event is produced."""
+    async def add_request(self, request: Request) -> RequestStream:
+        """Submit a request; raises InvalidRequestError (bad input) or QueueFullError before any event is
+        produced."""
         self.check_health()
-        loop = asyncio.get_running_loop()
-        command = _Add(request_id, prompt_ids, params, constraint, canvas, asyncio.Queue(), loop, Future())
+        command = _Add(request, asyncio.Queue(), asyncio.get_running_loop(), Future())
         self._commands.put(command)
         await asyncio.wrap_future(command.accepted)
-        return RequestStream(self, request_id, command.events)
+        return RequestStream(self, request.request_id, command.events)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(request_id)
@@ -153,13 +131,11 @@ class AsyncEngine:
 
     def _add(self, command: _Add) -> None:
         try:
-            self.engine.add_request(
-                command.request_id, command.prompt_ids, command.params, command.constraint, command.canvas
-            )
+            self.engine.add_request(command.request)
         except Exception as exc:  # ValueError or QueueFullError, handed to the caller's await
             command.accepted.set_exception(exc)
             return
-        self._streams[command.request_id] = command
+        self._streams[command.request.request_id] = command
         command.accepted.set_result(None)
 
     def _step(self) -> None:
@@ -167,9 +143,8 @@ class AsyncEngine:
             events, stats = self.engine.step()
         except RuntimeError as exc:  # a failed forward (torch errors, out of memory): fail what ran, keep serving
             logger.exception("engine step failed; failing the running requests")
-            for seq in list(self.engine.scheduler.running):
-                self._deliver(Failed(seq.request_id, f"engine error: {type(exc).__name__}"))
-                self.engine.abort(seq.request_id)
+            for event in self.engine.fail_running(f"engine error: {type(exc).__name__}"):
+                self._deliver(event)
             return
         for event in events:
             self._deliver(event)

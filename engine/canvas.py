@@ -40,26 +40,33 @@ class CanvasState:
     def update(
         self,
         result: StepResult,
-        denoising: torch.Tensor,  # [rows] bool: the rows this step is for
-        stability_threshold: torch.Tensor,  # [rows] long
-        confidence_threshold: torch.Tensor,  # [rows] fp32
-        settle_steps: torch.Tensor,  # [rows] long; 0: this row does not settle
-        settle_entropy: torch.Tensor,  # [rows] fp32
+        inputs: dict[str, torch.Tensor],  # the step's per-row inputs (engine/request.py STEP_INPUTS)
         embed: Callable[[torch.Tensor], torch.Tensor],  # ids -> scaled embeddings, the SC input of a certain id
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the step's outcome for the denoising rows; returns [rows] bool, the canvases that may stop now, and
-        [rows] long, each row's count of leading pinned positions."""
-        rows = denoising.shape[0]
+        """Store the step's outcome for the denoising rows; returns [rows] bool, the canvases that commit now, and
+        [rows] long, each row's count of leading pinned positions.
+
+        A canvas commits when it stops (stable and confident), on its last step, or when it settles and its pinned
+        prefix holds all the output it may still give or a stop token."""
+        denoising, settle_steps = inputs["denoising"], inputs["settle_steps"][:, None]
+        rows, length = result.argmax.shape
         pinned = self.pinned[:rows]
         argmax = torch.where(pinned, self.canvas[:rows], result.argmax)
         same = argmax == self.argmax[:rows]
         unchanged = same.all(-1)
         run = torch.where(unchanged, self.run[:rows] + 1, 0)
-        stopped = denoising & (run >= stability_threshold) & (result.mean_entropy < confidence_threshold)
-        streak = torch.where(same & (result.entropy < settle_entropy[:, None]), self.streak[:rows] + 1, 0)
-        settled = pinned | ((streak >= settle_steps[:, None]) & (settle_steps[:, None] > 0))
+        stopped = (run >= inputs["stability_threshold"]) & (result.mean_entropy < inputs["confidence_threshold"])
+        streak = torch.where(same & (result.entropy < inputs["settle_entropy"][:, None]), self.streak[:rows] + 1, 0)
+        settled = pinned | ((streak >= settle_steps) & (settle_steps > 0))
         prefix = settled.long().cumprod(-1).sum(-1)
-        positions = torch.arange(argmax.shape[1], device=argmax.device)
+        positions = torch.arange(length, device=argmax.device)
+        stop_token = (argmax[..., None] == inputs["stop_token_ids"][:, None, :]).any(-1)  # [rows, C]
+        prefix_holds = (prefix >= inputs["tokens_left"].clamp(max=length)) | (
+            stop_token & (positions < prefix[:, None])
+        ).any(-1)
+        commits = denoising & (
+            stopped | (inputs["step"] >= inputs["steps"]) | ((settle_steps[:, 0] > 0) & prefix_holds)
+        )
         keep = denoising[:, None]
         # A select, not `|`: inductor's CPU vectoriser miscompiles a bool | of an int64 comparison into this buffer.
         pinned = torch.where(positions < torch.where(denoising, prefix, 0)[:, None], True, pinned)
@@ -70,4 +77,4 @@ class CanvasState:
         self.streak[:rows] = torch.where(keep, streak, self.streak[:rows])
         soft = torch.where(pinned[..., None], embed(argmax), result.soft_embeds)
         self.soft[:rows] = torch.where(keep[..., None], soft, self.soft[:rows])
-        return stopped, prefix
+        return commits, prefix

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +39,6 @@ class EngineConfig:
     compile: bool | None = None
     cuda_graphs: bool = True  # capture the compiled step as one CUDA graph per bucket at start (CUDA only)
     max_capture_len: int = 8192  # captured page-table widths cover contexts up to this many tokens
-    # Test-only fault injection: "oom@N" makes the N-th decoder forward raise an out-of-memory error (recoverable),
-    # "fatal@N" an error that stops the engine thread. Off (None) unless a test sets DGSERVE_TEST_FAULT.
-    fault_injection: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -53,8 +49,6 @@ class EngineConfig:
             raise ValueError(f"kv_budget_fraction must be in (0, 1], got {self.kv_budget_fraction}")
         if (self.vocab_chunk is not None and self.vocab_chunk < 1) or self.max_waiting < 0 or self.prefill_chunk < 1:
             raise ValueError("vocab_chunk and prefill_chunk must be >= 1 and max_waiting >= 0")
-        if self.fault_injection is not None and not re.fullmatch(r"(oom|fatal)@\d+", self.fault_injection):
-            raise ValueError(f"fault_injection must be oom@N or fatal@N, got {self.fault_injection!r}")
         if self.reference_mode and self.compile:
             raise ValueError("reference_mode runs eager: it cannot be compiled")
         if self.max_num_batched_tokens < self.prefill_chunk:
@@ -73,6 +67,14 @@ class EngineConfig:
         if self.compile is None:
             return self.torch_device.type == "cuda" and not self.reference_mode
         return self.compile
+
+    @property
+    def batch_alignment(self) -> int:
+        """Rows that encoder batches and expert groups are padded to a multiple of. CPU GEMMs round a row
+        differently when they see fewer than 12 rows that are not a multiple of 4, so on the CPU padding to 4 keeps
+        a sequence's numbers independent of its batch. GPU kernels are not batch-invariant whatever the padding, and
+        reference mode runs the reference's exact shapes: 1."""
+        return 4 if self.torch_device.type == "cpu" and not self.reference_mode else 1
 
     @property
     def sampler_chunk(self) -> int:

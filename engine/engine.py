@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 
 import torch
 
 from engine.config import EngineConfig
-from engine.constraint import NUM_CANDIDATES, Constraint
 from engine.device import check_device
+from engine.kv_cache import KVBudget, KVLayout
 from engine.memory import (
     MIN_CONTEXT,
     InsufficientMemoryError,
@@ -21,21 +20,9 @@ from engine.memory import (
     planned_split,
 )
 from engine.model_runner import ModelRunner, measure_activations
-from engine.request import (
-    BlockCommitted,
-    CanvasInit,
-    EngineEvent,
-    EngineInfo,
-    Failed,
-    Finished,
-    FinishReason,
-    InvalidRequestError,
-    SamplingParams,
-    StepStats,
-    Usage,
-)
-from engine.scheduler import Batch, Scheduler
-from engine.sequence import Sequence
+from engine.reference_runner import ReferenceRunner
+from engine.request import BlockCommitted, EngineEvent, EngineInfo, Failed, Request, SamplingParams, StepStats
+from engine.scheduler import Batch, Scheduler, StepOutput
 from models.config import GenerationDefaults, ModelConfig, load_config
 from models.diffusion_gemma import DiffusionGemma, Experts
 from models.loader import load_model
@@ -55,44 +42,45 @@ class Engine:
         if model is None:
             check_device(device, requested=config.device is not None)
             check_memory(config, load_config(config.checkpoint)[0], free_memory_bytes(device))
-            # Reference mode runs the reference's exact GEMM shapes; otherwise expert groups are padded so that
-            # a sequence's numbers do not depend on its batch (see models.diffusion_gemma.Experts).
             model = load_model(
                 config.checkpoint,
                 dtype,
                 device,
                 progress,
-                expert_row_alignment=1 if config.reference_mode else 4,
+                expert_row_alignment=config.batch_alignment,
                 quantization=config.quantization,
                 device_class=config.device_class,
             )
         self.model, self.model_config, self.generation_defaults = model
         max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.memory = self._plan_memory(max_model_len)
-        self.runner = ModelRunner(self.model, self.model_config, config, self.memory.kv, max_model_len)
-        layout = self.runner.layout
+        runner = ReferenceRunner if config.reference_mode else ModelRunner
+        layout = KVLayout.of(self.model_config, dtype)
+        num_pages = layout.num_pages(self.memory.kv, config.max_num_seqs)
+        self.runner = runner(self.model, self.model_config, config, num_pages, max_model_len)
         self.info = EngineInfo(
             max_model_len=max_model_len,
             vocab_size=self.model_config.vocab_size,
             canvas_length=self.model_config.canvas_length,
             max_num_seqs=config.max_num_seqs,
             stop_token_ids=tuple(self.generation_defaults.eos_token_ids),
-            kv_budget_bytes=self.runner.budget.total_bytes,
+            kv_num_pages=num_pages,
             kv_page_tokens=layout.page_size,
             kv_page_bytes=layout.page_bytes,
             generation_defaults=self.generation_defaults,
             eager_buckets=self.runner.eager_buckets,
         )
+        whole = config.reference_mode  # generate() encodes a prompt in one pass
         self.scheduler = Scheduler(
-            self.runner.budget,
+            KVBudget(num_pages, config.max_num_seqs),
+            self.model_config.canvas_length,
             config.max_num_seqs,
             config.max_waiting,
-            lambda seq: self.info.kv_bytes_for(len(seq.prompt_ids), seq.params.max_tokens),
-            prefill_chunk=None if config.reference_mode else config.prefill_chunk,
-            max_batched_tokens=None if config.reference_mode else config.max_num_batched_tokens,
+            prefill_chunk=None if whole else config.prefill_chunk,
+            max_batched_tokens=None if whole else config.max_num_batched_tokens,
         )
         self._pending: list[EngineEvent] = []  # produced between steps (aborts)
-        long_seqs = self.runner.budget.total_bytes // self.info.kv_bytes_for(MIN_CONTEXT, 1)
+        long_seqs = num_pages // self.info.kv_pages_for(MIN_CONTEXT, 1)
         logger.info(
             "engine ready: %s on %s, up to %d sequences, max_model_len %d; memory: %s (%d sequences of %d tokens fit)",
             dtype, device, config.max_num_seqs, max_model_len, self.memory, long_seqs, MIN_CONTEXT,
@@ -125,41 +113,24 @@ class Engine:
             kv = int(left * config.kv_budget_fraction)
         return MemorySplit(weights, activations, graphs, kv)
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        constraint: Constraint | None = None,
-        canvas: CanvasInit | None = None,
-    ) -> None:
-        """Queue a request; `canvas` starts its first canvas from given ids instead of noise. Raises
-        InvalidRequestError (ContextLengthError: it can never fit) for invalid input, QueueFullError when the waiting
-        queue is full."""
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty")
-        vocab = self.info.vocab_size
-        if bad := [t for t in prompt_ids if not 0 <= t < vocab]:
-            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if canvas is not None:
-            canvas.check(self.info.canvas_length, vocab)
-            if canvas.pinned and constraint is not None:  # the grammar's walk may rewrite any committed position
-                raise InvalidRequestError("pinned canvas positions cannot be combined with a grammar", "pinned")
-        resolved = params.resolve(self.generation_defaults, self.info.max_model_len, len(prompt_ids))
-        seq = Sequence(request_id, list(prompt_ids), resolved, self.info.canvas_length, constraint, canvas)
-        self.scheduler.add(seq)
+    def add_request(self, request: Request) -> None:
+        """Check and queue a request. Raises InvalidRequestError naming the field at fault (ContextLengthError: it can
+        never fit), QueueFullError when the waiting queue is full."""
+        params = request.validate(self.info)
+        self.scheduler.add(request, params, self.info.kv_pages_for(len(request.prompt_ids), params.max_tokens))
 
     def abort(self, request_id: str) -> None:
         """Stop a request; it leaves the batch before the next iteration and its memory is reused."""
-        seq = self.scheduler.abort(request_id)
-        if seq is not None:
-            sent = seq.num_output_tokens + seq.streamed  # with the settled prefix already streamed
-            usage = Usage(len(seq.prompt_ids), sent, seq.num_canvases, seq.num_denoise_steps)
-            self._pending.append(Finished(request_id, FinishReason.ABORT, usage))
+        if (finished := self.scheduler.abort(request_id)) is not None:
+            self._pending.append(finished)
+
+    def fail_running(self, error: str) -> list[Failed]:
+        """Fail every running sequence (after a step that raised): their memory is free for the next iteration."""
+        return self.scheduler.fail(list(self.scheduler.running), error)
 
     def has_unfinished(self) -> bool:
         """True while a step has work: sequences to run, or events (aborts) to deliver."""
-        return bool(self.scheduler.waiting or self.scheduler.running or self._pending)
+        return self.scheduler.has_work() or bool(self._pending)
 
     def step(self) -> tuple[list[EngineEvent], StepStats]:
         """Admit, encode prompts and finished canvases, run one denoising step for every running sequence. An
@@ -167,79 +138,40 @@ class Engine:
         events, self._pending = self._pending, []
         batch = self.scheduler.schedule()
         try:
-            return self._run(batch, events)
+            output = self.runner.run(batch)
         except torch.OutOfMemoryError as exc:
-            seqs = {seq.request_id: seq for seq in (*batch.admitted, *(s for s, _ in batch.encode), *batch.denoise)}
-            logger.error(
-                "out of memory in an iteration of %d encode tokens and %d denoising rows; failing its %d requests: %s",
-                sum(n for _, n in batch.encode), len(batch.denoise), len(seqs), exc,
-            )  # fmt: skip
-            for request_id in seqs:
-                self.scheduler.abort(request_id)
-                events.append(Failed(request_id, "out of memory on the device; retry, or lower the load"))
-            if self.config.torch_device.type == "cuda":
-                torch.cuda.empty_cache()  # hand the failed iteration's blocks back before the next one
-            return events, self._stats(events, 0, 0, 0.0, 0.0)
+            events += self._out_of_memory(batch, exc)
+            output = StepOutput([], lambda blocks: [])
+        else:
+            events += self.scheduler.postprocess(batch, output)
+        return events, self._stats(batch, output, events)
 
-    def _run(self, batch: Batch, events: list[EngineEvent]) -> tuple[list[EngineEvent], StepStats]:
-        for seq in batch.admitted:
-            self.runner.allocate(seq)
-        t0 = time.perf_counter()
-        num_encoded = self.runner.encode(batch.encode) if batch.encode else 0
-        encode_s = time.perf_counter() - t0
-        denoise_s = 0.0
-        if batch.denoise:
-            argmax, stopped, prefixes, denoise_s = self.runner.denoise(batch.denoise)
-            constrained = [
-                seq for seq, tokens, is_stopped, prefix in zip(batch.denoise, argmax, stopped, prefixes, strict=True)
-                if seq.constraint is not None and self.scheduler.commits(seq, is_stopped, tokens, prefix)
-            ]  # fmt: skip
-            candidates = self.runner.candidates(constrained, NUM_CANDIDATES) if constrained else []
-            by_id = {seq.request_id: c for seq, c in zip(constrained, candidates, strict=True)}
-            # Where each block that wants logprobs starts: the scheduler moves `streamed` and may release the slot.
-            scored = {
-                s.request_id: (s.slot, s.streamed, s.params.logprobs)
-                for s in batch.denoise
-                if s.params.logprobs is not None
-            }
-            committed = self.scheduler.after_step(batch.denoise, argmax, stopped, prefixes, by_id)
-            events.extend(self._with_logprobs(committed, scored) if scored else committed)
-        return events, self._stats(events, num_encoded, len(batch.denoise), encode_s, denoise_s)
+    def _out_of_memory(self, batch: Batch, exc: torch.OutOfMemoryError) -> list[Failed]:
+        seqs = list({id(s): s for s in (*batch.admitted, *(c.seq for c in batch.encode), *batch.denoise)}.values())
+        logger.error(
+            "out of memory in an iteration of %d encode tokens and %d denoising rows; failing its %d requests: %s",
+            sum(len(c.token_ids) for c in batch.encode), len(batch.denoise), len(seqs), exc,
+        )  # fmt: skip
+        if self.config.torch_device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the failed iteration's blocks back before the next one
+        return self.scheduler.fail(seqs, "out of memory on the device; retry, or lower the load")
 
-    def _stats(
-        self, events: list[EngineEvent], encoded: int, rows: int, encode_s: float, denoise_s: float
-    ) -> StepStats:
+    def _stats(self, batch: Batch, output: StepOutput, events: list[EngineEvent]) -> StepStats:
         return StepStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
-            num_encode_tokens=encoded,
-            num_denoise_rows=rows,
+            num_encode_tokens=output.num_encoded,
+            num_denoise_rows=len(output.rows),
             num_output_tokens=sum(len(e.token_ids) for e in events if isinstance(e, BlockCommitted)),
-            encode_s=encode_s,
-            denoise_s=denoise_s,
-            kv_bytes_used=self.scheduler.budget.used_bytes,
+            encode_s=output.encode_s,
+            denoise_s=output.denoise_s,
+            kv_pages_used=self.scheduler.budget.num_used,
         )
-
-    def _with_logprobs(self, events: list[EngineEvent], scored: dict[str, tuple[int, int, int]]) -> list[EngineEvent]:
-        """`events` with logprobs on the blocks of the requests in `scored` (slot and first canvas position before
-        the step's commits, and k), scored at the step that committed them: their tokens, then any stop token."""
-        blocks = {e.request_id: e for e in events if isinstance(e, BlockCommitted) and e.request_id in scored}
-        if not blocks:
-            return events
-        scores = self.runner.logprobs(
-            [
-                (slot, start, e.token_ids + ([] if e.stop_token_id is None else [e.stop_token_id]), k)
-                for e in blocks.values()
-                for slot, start, k in [scored[e.request_id]]
-            ]
-        )
-        done = {rid: replace(e, logprobs=s) for (rid, e), s in zip(blocks.items(), scores, strict=True)}
-        return [done.get(e.request_id, e) if isinstance(e, BlockCommitted) else e for e in events]
 
     def generate(self, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[EngineEvent]]:
         """Run requests to completion offline; returns each request's events in order."""
         for request_id, (prompt_ids, params) in requests.items():
-            self.add_request(request_id, prompt_ids, params)
+            self.add_request(Request(request_id, tuple(prompt_ids), params))
         out: dict[str, list[EngineEvent]] = {request_id: [] for request_id in requests}
         while self.has_unfinished():
             for event in self.step()[0]:

@@ -51,7 +51,7 @@ def weight_bytes(config: ModelConfig, dtype: torch.dtype, plan: QuantPlan | None
 
 
 def min_kv_bytes(config: ModelConfig, dtype: torch.dtype, max_num_seqs: int, context: int = MIN_CONTEXT) -> int:
-    layout = KVLayout(config, config.canvas_length, torch.empty((), dtype=dtype).element_size())
+    layout = KVLayout.of(config, dtype)
     return max_num_seqs * layout.slot_bytes + layout.pages_for(context) * layout.page_bytes
 
 

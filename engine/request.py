@@ -1,20 +1,27 @@
-"""Requests, their per-request sampling parameters, the events the engine emits, what it tells its callers about
-itself, and the errors it raises. No torch here."""
+"""What enters the engine and what comes out: a `Request` with its sampling parameters (checked once, here), the
+per-row step inputs those parameters become, the events the engine emits, what it tells its callers about itself,
+and the errors it raises. No torch here."""
 
 from __future__ import annotations
 
 import enum
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from models.config import GenerationDefaults
+
+if TYPE_CHECKING:
+    from engine.constraint import Constraint
+    from engine.sequence import Sequence
 
 # Each field of SamplingParams that None leaves to the checkpoint, and the GenerationDefaults field it takes.
 _DEFAULTS = {
     "max_tokens": "max_new_tokens",
     "stop_token_ids": "eos_token_ids",
-    "max_denoising_steps": "max_denoising_steps",
+    "steps": "max_denoising_steps",
     "entropy_bound": "entropy_bound",
     "t_max": "t_max",
     "t_min": "t_min",
@@ -22,62 +29,150 @@ _DEFAULTS = {
     "confidence_threshold": "confidence_threshold",
 }
 
-
 MAX_LOGPROBS = 20  # alternatives per token at most, as OpenAI's top_logprobs
+MAX_STOP_TOKEN_IDS = 16  # the width of the step's stop-id input (the commit test runs on the device)
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Per-request settings; None means the checkpoint's generation_config value (spec 6.1)."""
+    """Per-request settings; None means the checkpoint's generation_config value (spec 6.1). The diffusion options
+    keep these names over HTTP (`diffusion.<name>`) and on the command line (`--<name>`)."""
 
     max_tokens: int | None = None  # output is cut to exactly this many tokens (finish reason "length")
     stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's eos ids; () never stops early
-    max_denoising_steps: int | None = None  # N, steps per canvas at most
+    temperature: float = 1.0  # factor on the schedule's proposal temperature: 1 = the model's, 0 = argmax proposals
+    seed: int | None = None  # fixes every random draw of this request, whatever else runs beside it
+    logprobs: int | None = None  # None: none; k: each committed token's logprob and its k most likely alternatives
+    # The diffusion options.
+    steps: int | None = None  # N, denoising steps per canvas at most
     entropy_bound: float | None = None  # gamma of the entropy-bound acceptance rule
     t_max: float | None = None  # temperature schedule: t_max on the first step ...
     t_min: float | None = None  # ... falling towards t_min on the last
     stability_threshold: int | None = None  # S: equal argmax canvases needed to stop a canvas early (0: no check)
     confidence_threshold: float | None = None  # tau: mean entropy (nats) below which a canvas may stop early
-    temperature: float = 1.0  # factor on the proposal temperature: 1 = the model's schedule, 0 = argmax proposals
-    seed: int | None = None  # fixes every random draw of this request, whatever else runs beside it
     stream_drafts: bool = False  # emit the argmax canvas after every denoising step
     # Early streaming: a leading canvas position whose argmax has stayed the same with entropy below settle_entropy
     # for settle_steps steps in a row is pinned (fixed for the rest of the canvas) and its prefix streamed at once.
     stream_prefix: bool = False
     settle_steps: int = 3
     settle_entropy: float = 0.05
-    logprobs: int | None = None  # None: none; k: each committed token's logprob and its k most likely alternatives
 
-    def resolve(self, defaults: GenerationDefaults, max_model_len: int, prompt_len: int) -> SamplingParams:
-        """Fill unset fields from the checkpoint's defaults and check every value; raises InvalidRequestError
-        (ContextLengthError when prompt + max_tokens exceed max_model_len)."""
+    def resolve(self, defaults: GenerationDefaults) -> SamplingParams:
+        """Fill unset fields from the checkpoint's defaults and check every value; raises InvalidRequestError naming
+        the field."""
         unset = {name: getattr(defaults, default) for name, default in _DEFAULTS.items() if getattr(self, name) is None}
         p = replace(self, **unset)
         p = replace(p, stop_token_ids=tuple(p.stop_token_ids))
-        if p.max_tokens >= 1 and prompt_len + p.max_tokens > max_model_len:
-            raise ContextLengthError(
-                f"prompt ({prompt_len} tokens) + max_tokens ({p.max_tokens}) exceeds max_model_len {max_model_len}"
-            )
-        checks = [
-            (p.max_tokens >= 1, f"max_tokens must be >= 1, got {p.max_tokens}"),
-            (p.max_denoising_steps >= 1, f"max_denoising_steps must be >= 1, got {p.max_denoising_steps}"),
-            (p.entropy_bound > 0, f"entropy_bound must be > 0, got {p.entropy_bound}"),
-            (0 < p.t_min <= p.t_max, f"need 0 < t_min <= t_max, got t_min={p.t_min}, t_max={p.t_max}"),
-            (p.stability_threshold >= 0, f"stability_threshold must be >= 0, got {p.stability_threshold}"),
-            (p.confidence_threshold > 0, f"confidence_threshold must be > 0, got {p.confidence_threshold}"),
-            (0 <= p.temperature <= 100, f"temperature must be in [0, 100], got {p.temperature}"),
-            (p.seed is None or 0 <= p.seed < 2**63, f"seed must be in [0, 2**63), got {p.seed}"),
-            (p.settle_steps >= 1, f"settle_steps must be >= 1, got {p.settle_steps}"),
-            (p.settle_entropy > 0, f"settle_entropy must be > 0, got {p.settle_entropy}"),
-            (
-                p.logprobs is None or 0 <= p.logprobs <= MAX_LOGPROBS,
-                f"logprobs must be in [0, {MAX_LOGPROBS}], got {p.logprobs}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InvalidRequestError(message)
+        for name, (ok, bound) in _CHECKS.items():
+            value = getattr(p, name)
+            if not ok(value):
+                raise InvalidRequestError(f"{name} must be {bound}, got {value}", name)
+        if not p.t_min <= p.t_max:
+            raise InvalidRequestError(f"need t_min <= t_max, got t_min={p.t_min}, t_max={p.t_max}", "t_min")
         return p
+
+
+# The SamplingParams fields that are diffusion options: `diffusion.<name>` over HTTP, `--<name>` on the command line.
+DIFFUSION_OPTIONS = (
+    "steps",
+    "entropy_bound",
+    "t_max",
+    "t_min",
+    "stability_threshold",
+    "confidence_threshold",
+    "stream_drafts",
+    "stream_prefix",
+    "settle_steps",
+    "settle_entropy",
+)
+
+# Each checked field: (whether a resolved value is valid, what it must be).
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_tokens": (lambda v: v >= 1, ">= 1"),
+    "stop_token_ids": (lambda v: len(v) <= MAX_STOP_TOKEN_IDS, f"at most {MAX_STOP_TOKEN_IDS} ids"),
+    "temperature": (lambda v: 0 <= v <= 100, "in [0, 100]"),
+    "seed": (lambda v: v is None or 0 <= v < 2**63, "in [0, 2**63)"),
+    "logprobs": (lambda v: v is None or 0 <= v <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]"),
+    "steps": (lambda v: 1 <= v <= 1024, ">= 1 and <= 1024"),
+    "entropy_bound": (lambda v: 0 < v <= 1e4, "> 0 and <= 1e4"),
+    "t_max": (lambda v: 0 < v <= 100, "in (0, 100]"),
+    "t_min": (lambda v: 0 < v <= 100, "in (0, 100]"),
+    "stability_threshold": (lambda v: 0 <= v <= 1024, ">= 0 and <= 1024"),
+    "confidence_threshold": (lambda v: 0 < v <= 1e4, "> 0 and <= 1e4"),
+    "settle_steps": (lambda v: 1 <= v <= 1024, ">= 1 and <= 1024"),
+    "settle_entropy": (lambda v: 0 < v <= 1e4, "> 0 and <= 1e4"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StepInput:
+    """One per-row input of the denoising step: a [rows] (or [rows, width]) tensor built on the host from the
+    sequence in each row, `inert` for rows that are idle or encoding (computed, then masked out of every update)."""
+
+    name: str
+    dtype: str  # a torch dtype's name
+    inert: int | float | bool
+    value: Callable[[Sequence], Any]
+    width: int | None = None  # a list of up to `width` values per row, padded with `inert`
+
+
+# The step's per-row inputs: what the canvas update and the sampler read, by these names.
+STEP_INPUTS = (
+    StepInput("denoising", "bool", False, lambda s: True),
+    StepInput("length", "long", 0, lambda s: s.length),  # tokens in the KV cache before the canvas
+    StepInput("schedule_temperature", "float32", 1.0, lambda s: s.schedule_temperature),
+    StepInput("temperature", "float32", 1.0, lambda s: s.params.temperature),
+    StepInput("entropy_bound", "float32", 1.0, lambda s: s.params.entropy_bound),
+    StepInput("stability_threshold", "long", 0, lambda s: s.params.stability_threshold),
+    StepInput("confidence_threshold", "float32", 0.0, lambda s: s.params.confidence_threshold),
+    StepInput("seed", "long", 0, lambda s: s.seed),
+    StepInput("canvas_index", "long", 0, lambda s: s.num_canvases),
+    StepInput("step", "long", 0, lambda s: s.canvas_steps + 1),
+    StepInput("steps", "long", 0, lambda s: s.params.steps),
+    StepInput("settle_steps", "long", 0, lambda s: s.params.settle_steps if s.settles else 0),  # 0: no settling
+    StepInput("settle_entropy", "float32", 0.0, lambda s: s.params.settle_entropy),
+    StepInput("tokens_left", "long", 0, lambda s: s.tokens_left),
+    StepInput("stop_token_ids", "long", -1, lambda s: s.params.stop_token_ids, MAX_STOP_TOKEN_IDS),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One generation job, as it enters the engine (Engine.add_request checks it once, with `validate`)."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = SamplingParams()
+    constraint: Constraint | None = None  # a grammar the output must follow (engine/constraint.py)
+    canvas_init: CanvasInit | None = None  # how the first canvas starts (warm start, infill); None: noise
+
+    def validate(self, info: EngineInfo) -> SamplingParams:
+        """The resolved sampling parameters; raises InvalidRequestError naming the field at fault ("prompt",
+        "canvas_init", "pinned" or a SamplingParams field), ContextLengthError when it can never fit."""
+        if not self.prompt_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        vocab = info.vocab_size
+        if bad := [t for t in self.prompt_ids if not 0 <= t < vocab]:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+        if self.canvas_init is not None:
+            self.canvas_init.check(info.canvas_length, vocab)
+            if self.canvas_init.pinned and self.constraint is not None:  # a grammar may rewrite any position
+                raise InvalidRequestError("pinned canvas positions cannot be combined with a grammar", "pinned")
+        params = self.params.resolve(info.generation_defaults)
+        prompt = len(self.prompt_ids)
+        if prompt + params.max_tokens > info.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {info.max_model_len} tokens. However, you requested "
+                f"{params.max_tokens} output tokens and your prompt contains {prompt} tokens.",
+                "prompt",
+            )
+        if (pages := info.kv_pages_for(prompt, params.max_tokens)) > info.kv_num_pages:
+            raise ContextLengthError(
+                f"the request needs {pages} KV pages of {info.kv_page_tokens} tokens, more than the whole budget of "
+                f"{info.kv_num_pages}; shorten the prompt or max_tokens",
+                "prompt",
+            )
+        return params
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +188,16 @@ class CanvasInit:
     pinned: tuple[tuple[int, int], ...] = ()
 
     def check(self, canvas_length: int, vocab_size: int) -> None:
-        """Raises InvalidRequestError (field "canvas" or "pinned") unless this fits a canvas of that length over
-        that vocabulary."""
+        """Raises InvalidRequestError (field "canvas_init" or "pinned") unless this fits a canvas of that length
+        over that vocabulary."""
         if len(self.ids) > canvas_length:
-            raise InvalidRequestError(f"the canvas is {len(self.ids)} tokens; a canvas holds {canvas_length}", "canvas")
+            raise InvalidRequestError(
+                f"the canvas is {len(self.ids)} tokens; a canvas holds {canvas_length}", "canvas_init"
+            )
         if bad := [t for t in self.ids if t is not None and not 0 <= t < vocab_size]:
-            raise InvalidRequestError(f"canvas token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "canvas")
+            raise InvalidRequestError(
+                f"canvas token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "canvas_init"
+            )
         end = 0
         for start, stop in sorted(self.pinned):
             span = f"pinned span [{start}, {stop})"
@@ -112,8 +211,8 @@ class CanvasInit:
 
 
 class InvalidRequestError(ValueError):
-    """The request itself is wrong (HTTP 400); `field` names the add_request argument at fault ("canvas" or
-    "pinned" for a CanvasInit's), where one is."""
+    """The request itself is wrong (HTTP 400); `field` names what is at fault (Request.validate), where one thing
+    is."""
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -142,16 +241,19 @@ class EngineInfo:
     canvas_length: int
     max_num_seqs: int
     stop_token_ids: tuple[int, ...]  # the checkpoint's eos ids: what ends a reply by default
-    kv_budget_bytes: int  # KV memory for all sequences' pages
+    kv_num_pages: int  # the KV pool: full-layer pages shared by all sequences
     kv_page_tokens: int
     kv_page_bytes: int
     generation_defaults: GenerationDefaults  # the checkpoint's sampler settings: what a request's None stands for
     eager_buckets: tuple[str, ...] = ()  # "ROWSxPAGES" step buckets whose compile or capture failed (or "all")
 
-    def kv_bytes_for(self, prompt_len: int, max_tokens: int) -> int:
-        """KV bytes a request of this shape is charged: the pages of its prompt and of whole canvases."""
-        capacity = kv_capacity(prompt_len, max_tokens, self.canvas_length)
-        return math.ceil(capacity / self.kv_page_tokens) * self.kv_page_bytes
+    @property
+    def kv_budget_bytes(self) -> int:
+        return self.kv_num_pages * self.kv_page_bytes
+
+    def kv_pages_for(self, prompt_len: int, max_tokens: int) -> int:
+        """KV pages a request of this shape is charged: those of its prompt and of whole canvases."""
+        return math.ceil(kv_capacity(prompt_len, max_tokens, self.canvas_length) / self.kv_page_tokens)
 
 
 def kv_capacity(prompt_len: int, max_tokens: int, canvas_length: int) -> int:
@@ -249,4 +351,4 @@ class StepStats:
     num_output_tokens: int  # tokens committed to outputs this iteration
     encode_s: float
     denoise_s: float  # the denoising step: decoder forward, sampler and its results copy
-    kv_bytes_used: int
+    kv_pages_used: int

@@ -25,8 +25,6 @@ tensors.
 Tokens are a function of (logits, key, vocab_chunk): a seeded request gets the same tokens alone and in any batch
 wherever the forward is batch-invariant (CPU). Rows never read each other's noise, on any device.
 
-`reference_step` repeats transformers' generate() op for op on the global generator (spec 6.3), for one row.
-
 `token_logprobs` scores committed tokens after the step that committed them, for the rows that ask only: outside
 the compiled step, so that rows without logprobs pay nothing (README "Logprobs").
 """
@@ -52,12 +50,6 @@ class StepResult:
     soft_embeds: torch.Tensor  # [R, C, H] the next step's self-conditioning input
 
 
-def schedule_temperature(steps_left: int, t_min: float, t_max: float, max_steps: int) -> torch.Tensor:
-    """T = t_min + (t_max - t_min) * n / N with n the steps remaining, as fp32 tensor arithmetic (spec 6.2)."""
-    n = torch.tensor(steps_left, dtype=torch.int32)
-    return t_min + (t_max - t_min) * (n / max_steps)
-
-
 def unpinned_entropy(entropy: torch.Tensor, pinned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropies [R, C] with pinned positions at 0 (known exactly: they take no share of the entropy bound), and
     their mean over the positions not pinned. Without pins, the same bits as entropy and entropy.mean(-1)."""
@@ -77,14 +69,14 @@ def accept_mask(entropy: torch.Tensor, entropy_bound: torch.Tensor) -> torch.Ten
 def fast_step(
     model: DiffusionGemma,
     hidden: torch.Tensor,  # [R, C, H] final-normed decoder output
-    temperature: torch.Tensor,  # [R] fp32 schedule temperature
-    proposal_factor: torch.Tensor,  # [R] fp32: proposals at temperature * factor; 0 proposes the argmax
-    entropy_bound: torch.Tensor,  # [R] fp32
+    inputs: dict[str, torch.Tensor],  # the step's per-row inputs (engine/request.py STEP_INPUTS)
     noise_key: torch.Tensor,  # [R] int64, noise.step_key(seed, canvas_index, step)
     pinned: torch.Tensor,  # [R, C] bool: positions whose input stays fixed
     vocab_chunk: int,
-    scaled_proposals: bool,  # some factor is not 0 or 1: proposals need their own exp pass
+    scaled_proposals: bool,  # some temperature factor is not 0 or 1: proposals need their own exp pass
 ) -> StepResult:
+    """Proposals at the schedule temperature times the row's `temperature` factor (0 proposes the argmax)."""
+    proposal_factor, entropy_bound = inputs["temperature"], inputs["entropy_bound"]
     weight = model.embed_tokens.weight  # [V, H]
     vocab = weight.shape[0]
     rows, length, width = hidden.shape
@@ -94,7 +86,7 @@ def fast_step(
     def per_position(x: torch.Tensor) -> torch.Tensor:  # [R] -> [N, 1]
         return x[:, None].expand(rows, length).contiguous().view(n, 1)  # a copy for any R: the same ops
 
-    inv_t = per_position(1 / temperature)
+    inv_t = per_position(1 / inputs["schedule_temperature"])
     # A factor-0 row samples at factor 1, which keeps it finite; its proposal is the argmax.
     inv_f = per_position(1 / torch.where(proposal_factor == 0, 1, proposal_factor))
     u_chunk, u_block, u_token = uniform(noise_key, PROPOSAL, (length, 3)).view(n, 3).split(1, -1)
@@ -229,30 +221,3 @@ def _accumulate_soft(soft: torch.Tensor, e: torch.Tensor, weight: torch.Tensor) 
         soft.addmm_(e, weight.float())
     else:
         soft.add_(torch.mm(e.to(weight.dtype), weight, out_dtype=torch.float32))
-
-
-@torch.inference_mode()
-def reference_step(
-    model: DiffusionGemma,
-    hidden: torch.Tensor,  # [1, C, H]
-    canvas: torch.Tensor,  # [1, C]
-    pinned: torch.Tensor,  # [1, C] bool
-    temperature: torch.Tensor,  # fp32 scalar
-    entropy_bound: float,
-) -> StepResult:
-    """generate()'s step with the global generator: multinomial over [C, V], then a renoise randint (spec 6.3).
-
-    The temperature-scaled logits, cast to the model dtype, are the next step's SC input (spec P3).
-    """
-    zt = model.logits(hidden) / temperature  # [1, C, V] fp32, materialised as the reference does
-    vocab = zt.shape[-1]
-    probs = torch.softmax(zt, dim=-1, dtype=torch.float32)
-    proposal = torch.multinomial(probs.view(-1, vocab), num_samples=1).view(canvas.shape)
-    argmax = torch.argmax(zt, dim=-1)
-    entropy, mean_entropy = unpinned_entropy(torch.distributions.Categorical(logits=zt).entropy(), pinned)
-    accept = accept_mask(entropy, torch.tensor([entropy_bound], device=entropy.device))
-    accepted = torch.where(accept, proposal, canvas)
-    noise = torch.randint(0, vocab, canvas.shape, device=canvas.device)
-    next_canvas = torch.where(~accept, noise, accepted)
-    sc_logits = zt.to(model.embed_tokens.weight.dtype)
-    return StepResult(next_canvas, argmax, entropy, mean_entropy, model.sc_embedding(sc_logits))

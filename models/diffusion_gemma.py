@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import moe_triton
+from models.attend import Attend
 from models.config import LayerGeometry, ModelConfig
 from models.gemm_path import ExpertPath, expert_path, torch_grouped_mm
-from models.kv_cache import Attend
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

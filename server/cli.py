@@ -39,7 +39,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """The per-request parameters; unset ones take the checkpoint's generation_config.json."""
     group = parser.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
     group.add_argument("--max-tokens", type=int, help="output is cut to exactly this many tokens")
-    group.add_argument("--steps", dest="max_denoising_steps", type=int, help="max denoising steps per canvas")
+    group.add_argument("--steps", type=int, help="max denoising steps per canvas")
     group.add_argument("--entropy-bound", type=float, help="entropy-bound acceptance gamma")
     group.add_argument("--t-max", type=float, help="temperature of the first denoising step")
     group.add_argument("--t-min", type=float, help="temperature the schedule falls towards")
@@ -55,7 +55,7 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_tokens=args.max_tokens,
         stop_token_ids=None if args.stop_token_ids is None else tuple(args.stop_token_ids),
-        max_denoising_steps=args.max_denoising_steps,
+        steps=args.steps,
         entropy_bound=args.entropy_bound,
         t_max=args.t_max,
         t_min=args.t_min,
@@ -184,18 +184,18 @@ def _serve(args: argparse.Namespace) -> None:
     _warn_if_demo(args.model, checkpoint)
     name = args.served_model_name or ("dgserve-demo" if args.model in (None, DEMO) else args.model)
     metrics = Metrics(name)
-    config = EngineConfig(str(checkpoint), device=device, **_fills(args, "engine"),
-                          fault_injection=os.environ.get("DGSERVE_TEST_FAULT"))  # fmt: skip
+    config = EngineConfig(str(checkpoint), device=device, **_fills(args, "engine"))
     try:
         engine = AsyncEngine(config, on_step=metrics.on_step)
     except (DeviceUnavailableError, InsufficientMemoryError) as exc:
         sys.exit(f"dgserve serve: {exc}")
-    budget = engine.info.kv_budget_bytes
-    metrics.on_start(engine.info)
-    typical = engine.info.kv_bytes_for(1024, 1024)
+    info = engine.info
+    metrics.on_start(info)
     logger.info(
-        "model %s from %s; KV budget %.1f GiB: %d sequences of 1K prompt + 1K output fit at once (max_num_seqs %d)",
-        name, checkpoint, budget / 2**30, budget // typical, args.max_num_seqs,
+        "model %s from %s; KV budget %.1f GiB (%d pages of %d tokens): %d sequences of 1K prompt + 1K output fit at "
+        "once (max_num_seqs %d)",
+        name, checkpoint, info.kv_budget_bytes / 2**30, info.kv_num_pages, info.kv_page_tokens,
+        info.kv_num_pages // info.kv_pages_for(1024, 1024), args.max_num_seqs,
     )  # fmt: skip
     # Whatever the bind address (a container binds 0.0.0.0): only these Host names are answered (DNS rebinding).
     allowed = None if "*" in args.allowed_hosts else frozenset({*LOCAL_HOSTS, *(h.lower() for h in args.allowed_hosts)})

@@ -82,12 +82,14 @@ class Metrics:
         )  # fmt: skip
         info = Gauge("dgserve_model_info", "The served model", ["model_name"], registry=registry)
         info.labels(model_name=model_name).set(1)
+        self._page_bytes = 0  # the KV page size, from on_start
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
 
     def on_start(self, info: EngineInfo) -> None:
         """Called once the engine is built."""
         self.kv_budget.set(info.kv_budget_bytes)
+        self._page_bytes = info.kv_page_bytes
         self.capture_failures.set(len(info.eager_buckets))
         for bucket in info.eager_buckets:
             self.eager_buckets.labels(bucket=bucket).set(1)
@@ -96,7 +98,7 @@ class Metrics:
         """Called by the engine thread after every iteration."""
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
-        self.kv_used.set(stats.kv_bytes_used)
+        self.kv_used.set(stats.kv_pages_used * self._page_bytes)
         if stats.num_denoise_rows or stats.num_encode_tokens:
             self.step_latency.observe(stats.encode_s + stats.denoise_s)
         self._count_tokens(stats.num_output_tokens)

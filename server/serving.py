@@ -37,6 +37,7 @@ from engine.request import (
     QueueFullError,
     SamplingParams,
 )
+from engine.request import Request as EngineRequest
 from server.drafts import TokenDrafts
 from server.errors import OpenAIError
 from server.logprobs import TokenPieces
@@ -230,7 +231,7 @@ class Serving:
         return SamplingParams(
             max_tokens=max_tokens,
             stop_token_ids=() if s.ignore_eos else None,
-            max_denoising_steps=d and d.steps,
+            steps=d and d.steps,
             entropy_bound=d and d.entropy_bound,
             t_max=d and d.t_max,
             t_min=d and d.t_min,
@@ -259,11 +260,10 @@ class Serving:
         try:
             for choice in job.choices:
                 choice.engine_id = f"{job.request_id}-{choice.index}"
-                streams.append(
-                    await self.engine.add_request(
-                        choice.engine_id, choice.prompt_ids, choice.params, choice.constraint, choice.canvas
-                    )
+                request = EngineRequest(
+                    choice.engine_id, tuple(choice.prompt_ids), choice.params, choice.constraint, choice.canvas
                 )
+                streams.append(await self.engine.add_request(request))
         except (InvalidRequestError, QueueFullError, EngineDeadError) as exc:
             for stream in streams:
                 self.engine.abort(stream.request_id)
@@ -395,13 +395,18 @@ class Serving:
             await events.aclose()
 
 
+# The engine's field names (engine/request.py) that are not diffusion options under the same name.
+_PARAMS = {"canvas_init": "diffusion.canvas", "temperature": "temperature", "seed": "seed", "max_tokens": "max_tokens",
+           "logprobs": "top_logprobs", "stop_token_ids": None}  # fmt: skip
+
+
 def _admission_error(exc: InvalidRequestError | QueueFullError | EngineDeadError) -> OpenAIError:
     if isinstance(exc, QueueFullError):
         return OpenAIError(429, "the server is busy; retry shortly", "server_busy", retry_after=1)
     if isinstance(exc, EngineDeadError):
         return OpenAIError(503, "the engine is not running", "engine_unavailable", retry_after=5)
     code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else "invalid_request"
-    param = None if exc.field is None else f"diffusion.{exc.field}"  # the engine's CanvasInit fields
+    param = None if exc.field in (None, "prompt") else _PARAMS.get(exc.field, f"diffusion.{exc.field}")
     return OpenAIError(400, str(exc), code, param)
 
 

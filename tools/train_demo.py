@@ -35,9 +35,9 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, tr
 from torch import nn
 from transformers import AutoTokenizer
 
+from models.attend import causal_mask, sdpa
 from models.config import model_config_from_dict
 from models.diffusion_gemma import DiffusionGemma, Experts, rms_norm
-from models.kv_cache import causal_mask, sdpa
 from models.loader import param_to_checkpoint_key
 from models.random_checkpoint import config_json, generation_config_json
 from models.tokenizer_files import write_tokenizer, write_tokenizer_config

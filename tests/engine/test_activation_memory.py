@@ -12,12 +12,12 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.kv_cache import page_bucket
+from engine.kv_cache import KVLayout, page_bucket
 from engine.memory import ActivationModel, LiveBytes, activation_model
 from engine.model_runner import ModelRunner, measure_activations
-from engine.request import SamplingParams
+from engine.request import Request, SamplingParams
+from engine.scheduler import Chunk
 from engine.sequence import Sequence
-from models.config import GenerationDefaults
 from models.diffusion_gemma import Experts
 from models.gemm_path import ExpertPath
 from models.loader import build_model, choose_kernels
@@ -52,7 +52,8 @@ def runner(request):
             if isinstance(module, Experts):
                 module.set_path(ExpertPath("every_expert", "dense"))
     engine_config = EngineConfig("meta", device="meta", dtype="bfloat16", max_num_seqs=16, vocab_chunk=VOCAB_CHUNK)
-    return model.layers[0].experts, ModelRunner(model, config, engine_config, 9 * 2**30, config.max_position_embeddings)
+    num_pages = KVLayout.of(config, torch.bfloat16).num_pages(9 * 2**30, engine_config.max_num_seqs)
+    return model.layers[0].experts, ModelRunner(model, config, engine_config, num_pages, config.max_position_embeddings)
 
 
 def formula(runner, fused_attention: bool = True) -> ActivationModel:
@@ -76,17 +77,15 @@ def test_a_denoising_step_peaks_where_the_formula_says(runner, rows, context):
 def test_the_largest_encode_batch_peaks_where_the_formula_says(runner):
     """Four prompts' 2048-token chunks (the default --max-num-batched-tokens), the second chunk of each."""
     r = runner[1]
-    seqs = []
+    chunks, pages = [], r.layout.pages_for(3 * CHUNK)
     for i in range(4):
-        params = SamplingParams(max_tokens=256).resolve(GenerationDefaults(), 8192, 2 * CHUNK)
-        seq = Sequence(str(i), [1] * 2 * CHUNK, params, r.config.canvas_length, None, None)
-        seq.slot, seq.pages = r.budget.allocate(r.layout.page_bytes * r.layout.pages_for(3 * CHUNK))
-        r.allocate(seq)
-        seq.to_encode, seq.length = seq.prompt_ids[CHUNK:], CHUNK
-        seqs.append(seq)
+        seq = Sequence(Request(str(i), (1,) * 2 * CHUNK), SamplingParams(), 0, pages, r.config.canvas_length)
+        seq.slot, seq.pages = i, list(range(1 + i * pages, 1 + (i + 1) * pages))
+        chunks.append(Chunk(seq, CHUNK, [1] * CHUNK))
+    r.admit([chunk.seq for chunk in chunks])
     tracker = LiveBytes()
     with tracker:
-        r.encode([(seq, CHUNK) for seq in seqs])
+        r.encode(chunks)
     assert tracker.peak == pytest.approx(formula(runner).encode([CHUNK] * 4, CHUNK), rel=0.05)
 
 

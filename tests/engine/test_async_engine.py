@@ -11,7 +11,7 @@ import pytest
 import engine.async_engine
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from engine.request import BlockCommitted, EngineDeadError, Failed, Finished, FinishReason, SamplingParams
+from engine.request import BlockCommitted, EngineDeadError, Failed, Finished, FinishReason, Request, SamplingParams
 from models.config import ConfigError
 from tests.engine.test_engine import output_tokens, prompt
 
@@ -43,7 +43,7 @@ def test_the_engine_thread_loads_the_model_and_load_errors_reach_the_caller(tiny
 
 
 async def collect(engine: AsyncEngine, request_id: str, ids: list[int], params: SamplingParams) -> list:
-    return [event async for event in await engine.add_request(request_id, ids, params)]
+    return [event async for event in await engine.add_request(Request(request_id, tuple(ids), params))]
 
 
 def test_concurrent_streams_match_the_synchronous_engine(async_engine, engine):
@@ -65,14 +65,14 @@ def test_concurrent_streams_match_the_synchronous_engine(async_engine, engine):
 def test_refusal_is_raised_before_any_event(async_engine):
     async def main():
         with pytest.raises(ValueError, match="max_tokens must be >= 1"):
-            await async_engine.add_request("bad", prompt(5, 1), SamplingParams(max_tokens=0))
+            await async_engine.add_request(Request("bad", tuple(prompt(5, 1)), SamplingParams(max_tokens=0)))
 
     asyncio.run(main())
 
 
 def test_closing_a_stream_aborts_the_request(async_engine):
     async def main():
-        stream = await async_engine.add_request("gone", prompt(10, 2), SamplingParams(max_tokens=640))
+        stream = await async_engine.add_request(Request("gone", tuple(prompt(10, 2)), SamplingParams(max_tokens=640)))
         async for event in stream:
             if isinstance(event, BlockCommitted):
                 break  # the client disconnects after its first block
@@ -83,7 +83,7 @@ def test_closing_a_stream_aborts_the_request(async_engine):
     while async_engine.engine.scheduler.running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not async_engine.engine.scheduler.running
-    assert async_engine.engine.scheduler.budget.used_bytes == 0
+    assert async_engine.engine.scheduler.budget.num_used == 0
 
 
 def test_a_failed_forward_fails_the_requests_in_flight_and_later_ones_succeed(async_engine, monkeypatch):
@@ -111,9 +111,8 @@ def test_a_failed_forward_fails_the_requests_in_flight_and_later_ones_succeed(as
 
 def test_shutdown_fails_what_is_in_flight_and_marks_the_engine_dead(async_engine):
     async def main():
-        stream = await async_engine.add_request(
-            "long", prompt(6, 5), SamplingParams(max_tokens=2000, stop_token_ids=())
-        )
+        params = SamplingParams(max_tokens=2000, stop_token_ids=())
+        stream = await async_engine.add_request(Request("long", tuple(prompt(6, 5)), params))
         await asyncio.sleep(0.2)
         await asyncio.get_running_loop().run_in_executor(None, async_engine.shutdown, 10)
         return [event async for event in stream]

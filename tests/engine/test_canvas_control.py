@@ -15,6 +15,7 @@ from engine.request import (
     Finished,
     FinishReason,
     InvalidRequestError,
+    Request,
     SamplingParams,
 )
 from tests.engine.test_engine import (  # noqa: F401 (module fixtures)
@@ -39,7 +40,7 @@ def run(engine: Engine, requests: dict, join_at: dict[str, int] | None = None, w
     for i in range(1000):
         for request_id in [r for r in pending if join_at.get(r, 0) <= i]:
             ids, params, canvas = pending.pop(request_id)
-            engine.add_request(request_id, ids, params, canvas=canvas)
+            engine.add_request(Request(request_id, tuple(ids), params, canvas_init=canvas))
         for event in engine.step()[0]:
             events[event.request_id].append(event)
         if watch is not None:
@@ -70,7 +71,7 @@ def test_reference_mode_warm_start_matches_generate_with_decoder_input_ids(refer
         assert len(expected) > C  # two canvases
         if seed == 3:  # the warm start shows: ignoring it would give other tokens
             assert expected[:C] != reference_generate(reference, ids, seed, max_new_tokens=C, max_denoising_steps=4)
-        params = SamplingParams(max_tokens=64, max_denoising_steps=4, seed=seed)
+        params = SamplingParams(max_tokens=64, steps=4, seed=seed)
         events = run(reference_engine, {"r": (ids, params, CanvasInit(ids=tuple(warm)))})["r"]
         assert_same_tokens(output_tokens(events), expected, f"warm start, seed {seed}")
         assert events[-1].usage.num_canvases == 2 and events[-1].usage.num_denoise_steps == 8
@@ -82,14 +83,14 @@ PINNED = ((0, 4), (10, 12))
 def pinned_request() -> tuple[list[int], SamplingParams, CanvasInit]:
     """A warm start of 12 ids, two spans of them pinned, and two canvases of output."""
     canvas = CanvasInit(ids=tuple(prompt(12, 77)), pinned=PINNED)
-    params = SamplingParams(max_tokens=64, max_denoising_steps=4, stop_token_ids=(), seed=11, stream_drafts=True)
+    params = SamplingParams(max_tokens=64, steps=4, stop_token_ids=(), seed=11, stream_drafts=True)
     return prompt(9, 76), params, canvas
 
 
 def unpinned_requests() -> dict:
     return {
-        "a": (prompt(13, 78), SamplingParams(max_tokens=64, max_denoising_steps=4, seed=12), None),
-        "b": (prompt(5, 79), SamplingParams(max_tokens=32, max_denoising_steps=3, seed=13, stream_drafts=True), None),
+        "a": (prompt(13, 78), SamplingParams(max_tokens=64, steps=4, seed=12), None),
+        "b": (prompt(5, 79), SamplingParams(max_tokens=32, steps=3, seed=13, stream_drafts=True), None),
     }
 
 
@@ -129,7 +130,7 @@ def test_infill_fills_the_gap_before_a_pinned_suffix(engine):
     m, suffix = 10, tuple(prompt(6, 81))
     end = m + len(suffix)
     canvas = CanvasInit(ids=(None,) * m + suffix, pinned=((m, end),))
-    params = SamplingParams(max_tokens=m, max_denoising_steps=5, seed=21, stream_drafts=True)
+    params = SamplingParams(max_tokens=m, steps=5, seed=21, stream_drafts=True)
     states: list[tuple[list[int], list[int]]] = []
 
     def watch(engine: Engine) -> None:  # the suffix as the next input and as the argmax, after every step
@@ -170,7 +171,7 @@ def demo():
 
 def run_timed(engine: Engine, ids: list[int], params: SamplingParams) -> list[tuple[int, object]]:
     """One request's events, each with the engine iteration (1, 2, ...) it came from."""
-    engine.add_request("r", ids, params)
+    engine.add_request(Request("r", tuple(ids), params))
     out, iteration = [], 0
     while engine.has_unfinished():
         iteration += 1
@@ -252,7 +253,7 @@ def test_a_canvas_commits_once_its_settled_prefix_holds_all_its_output_or_a_stop
 
 def test_an_abort_after_a_streamed_prefix_counts_the_tokens_sent(demo):
     engine, prompts = demo
-    engine.add_request("r", prompts[1], SamplingParams(seed=1, stream_prefix=True))
+    engine.add_request(Request("r", tuple(prompts[1]), SamplingParams(seed=1, stream_prefix=True)))
     sent: list[int] = []
     while not sent:
         sent += [t for e in engine.step()[0] if isinstance(e, BlockCommitted) and e.partial for t in e.token_ids]
@@ -305,13 +306,13 @@ def test_a_fully_pinned_canvas_commits_its_ids_once_stable(engine):
     """Pinned positions hold no entropy: a canvas pinned whole is confident and stable after S + 1 steps, whatever
     the model thinks of its ids. The next canvas is denoised from noise as usual."""
     given = tuple(prompt(C, 90))
-    params = SamplingParams(max_tokens=C + 8, max_denoising_steps=6, stability_threshold=1, stop_token_ids=(), seed=3)
+    params = SamplingParams(max_tokens=C + 8, steps=6, stability_threshold=1, stop_token_ids=(), seed=3)
     events = run(engine, {"f": (prompt(7, 91), params, CanvasInit(ids=given, pinned=((0, C),)))})["f"]
     first, second = [e for e in events if isinstance(e, BlockCommitted)]
     assert first.token_ids == list(given) and first.num_denoise_steps == 2
     assert len(second.token_ids) == 8 and events[-1].usage.num_denoise_steps == 2 + 6
     # One position free: the confidence test is its entropy alone (near ln V on this random model), not its 32nd.
-    params = SamplingParams(max_tokens=C, max_denoising_steps=6, stability_threshold=0, confidence_threshold=1.0,
+    params = SamplingParams(max_tokens=C, steps=6, stability_threshold=0, confidence_threshold=1.0,
                             stop_token_ids=(), seed=3)  # fmt: skip
     events = run(engine, {"f": (prompt(7, 91), params, CanvasInit(ids=given, pinned=((0, C - 1),)))})["f"]
     assert output_tokens(events)[: C - 1] == list(given[: C - 1]) and events[-1].usage.num_denoise_steps == 6
@@ -334,13 +335,13 @@ def test_a_fully_pinned_canvas_commits_its_ids_once_stable(engine):
 )  # fmt: skip
 def test_invalid_canvas_inits_are_clear_errors(engine, canvas, message):
     with pytest.raises(InvalidRequestError, match=message):
-        engine.add_request("bad", prompt(5, 1), SamplingParams(max_tokens=8), canvas=canvas)
+        engine.add_request(Request("bad", tuple(prompt(5, 1)), SamplingParams(max_tokens=8), canvas_init=canvas))
     assert not engine.has_unfinished()  # refused: nothing queued
 
 
 def test_adjacent_spans_and_a_full_canvas_are_valid(engine):
     for canvas in (CanvasInit(ids=(7,) * 6, pinned=((0, 3), (3, 6))), CanvasInit(ids=(7,) * C, pinned=((0, C),))):
-        engine.add_request("ok", prompt(5, 1), SamplingParams(max_tokens=8), canvas=canvas)
+        engine.add_request(Request("ok", tuple(prompt(5, 1)), SamplingParams(max_tokens=8), canvas_init=canvas))
         engine.abort("ok")
         engine.step()
     assert not engine.has_unfinished()

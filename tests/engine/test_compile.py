@@ -21,7 +21,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.graphs import StepGraphs
 from engine.model_runner import row_buckets
-from engine.request import BlockCommitted, SamplingParams
+from engine.request import BlockCommitted, Request, SamplingParams
 from models.random_checkpoint import write_random_checkpoint
 
 # Ops that read or advance a generator: the step's noise must be counter-based, the same in a graph replay.
@@ -78,7 +78,7 @@ def drive(engine: Engine, plan: list[tuple[int, str, list[int], SamplingParams]]
     while step <= max(at for at, *_ in plan) or engine.has_unfinished():
         for at, request_id, prompt, params in plan:
             if at == step:
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(Request(request_id, tuple(prompt), params))
         for event in engine.step()[0]:
             if isinstance(event, BlockCommitted):
                 tokens[event.request_id].extend(event.token_ids)
@@ -96,7 +96,7 @@ def test_compiled_steps_give_the_eager_tokens_and_compile_at_most_once_per_row_b
             [rng.randrange(3, 200) for _ in range(rng.randrange(1, 40))],
             SamplingParams(
                 max_tokens=rng.choice([20, 70, 130]),
-                max_denoising_steps=rng.randrange(2, 5),
+                steps=rng.randrange(2, 5),
                 temperature=rng.choice([0.0, 0.5, 1.0, 1.5]),
                 seed=rng.randrange(2**31),
             ),
@@ -141,5 +141,5 @@ def test_a_bucket_whose_capture_fails_is_logged_as_an_error_and_runs_eager(tiny_
     assert runner.graphs.eager == [(1, 2)] and runner.eager_buckets == ("1x2",)
     (record,) = caplog.records
     assert "bucket of 1 rows and 2 pages" in record.message and "Tried to allocate 3.00 GiB" in record.message
-    plan = [(0, "alone", [5, 6, 7], SamplingParams(max_tokens=20, max_denoising_steps=3, seed=1))]
+    plan = [(0, "alone", [5, 6, 7], SamplingParams(max_tokens=20, steps=3, seed=1))]
     assert drive(fast, plan) == drive(engine(), plan)  # the bucket ran, eager

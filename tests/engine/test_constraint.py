@@ -8,7 +8,7 @@ import json
 import jsonschema
 import pytest
 
-from engine.request import BlockCommitted, Finished, FinishReason, SamplingParams
+from engine.request import BlockCommitted, Finished, FinishReason, Request, SamplingParams
 from server.structured import Grammars
 from server.text import Tokenizer
 from tests.engine.test_engine import output_tokens, prompt
@@ -29,12 +29,12 @@ def grammars(engine, tiny_checkpoint) -> tuple[Grammars, Tokenizer]:
 @pytest.mark.parametrize("max_tokens", [20, 100])  # 20: the closing reserve from the first canvas on (C = 32)
 def test_the_reply_is_a_whole_valid_document_and_neighbours_are_unchanged(engine, grammars, max_tokens):
     grammars, tokenizer = grammars
-    params = SamplingParams(max_tokens=max_tokens, max_denoising_steps=3, seed=1)
-    free = SamplingParams(max_tokens=64, max_denoising_steps=3, seed=2)
+    params = SamplingParams(max_tokens=max_tokens, steps=3, seed=1)
+    free = SamplingParams(max_tokens=64, steps=3, seed=2)
     alone = output_tokens(engine.generate({"free": (prompt(9, 2), free)})["free"])
     constraint = grammars.constraint(grammars.json_schema(SCHEMA, "schema"), max_tokens)
-    engine.add_request("json", prompt(7, 1), params, constraint)
-    engine.add_request("free", prompt(9, 2), free)
+    engine.add_request(Request("json", tuple(prompt(7, 1)), params, constraint))
+    engine.add_request(Request("free", tuple(prompt(9, 2)), free))
     events = {"json": [], "free": []}
     while engine.has_unfinished():
         for event in engine.step()[0]:

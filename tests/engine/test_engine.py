@@ -9,7 +9,7 @@ from transformers import DiffusionGemmaForBlockDiffusion
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import BlockCommitted, Draft, Finished, FinishReason, QueueFullError, SamplingParams
+from engine.request import BlockCommitted, Draft, Finished, FinishReason, QueueFullError, Request, SamplingParams
 from engine.sequence import Sequence
 
 MiB = 2**20
@@ -56,16 +56,16 @@ def run_one(engine: Engine, ids: list[int], params: SamplingParams) -> list:
 def test_reference_mode_matches_generate_token_for_token(reference, reference_engine, length, seed):
     ids = prompt(length, seed)
     expected = reference_generate(reference, ids, seed, max_new_tokens=96, max_denoising_steps=8)
-    events = run_one(reference_engine, ids, SamplingParams(max_tokens=96, max_denoising_steps=8, seed=seed))
+    events = run_one(reference_engine, ids, SamplingParams(max_tokens=96, steps=8, seed=seed))
     assert_same_tokens(output_tokens(events), expected, "reference mode vs generate")
     assert events[-1].usage.num_canvases == 3 and events[-1].usage.num_denoise_steps == 24
 
 
 def test_reference_mode_matches_generate_with_adaptive_stopping(reference, reference_engine):
     """stability 0 and a confidence threshold just under ln V make canvases stop at different steps (spec 9.3)."""
-    ids, knobs = prompt(20, 5), dict(max_denoising_steps=8, stability_threshold=0, confidence_threshold=7.6044)
-    expected = reference_generate(reference, ids, 5, max_new_tokens=96, **knobs)
-    events = run_one(reference_engine, ids, SamplingParams(max_tokens=96, seed=5, **knobs))
+    ids, knobs = prompt(20, 5), dict(stability_threshold=0, confidence_threshold=7.6044)
+    expected = reference_generate(reference, ids, 5, max_new_tokens=96, max_denoising_steps=8, **knobs)
+    events = run_one(reference_engine, ids, SamplingParams(max_tokens=96, steps=8, seed=5, **knobs))
     assert_same_tokens(output_tokens(events), expected, "adaptive stopping")
     assert events[-1].usage.num_denoise_steps < 24  # some canvas stopped early
 
@@ -79,42 +79,42 @@ def test_reference_mode_matches_generate_when_a_canvas_holds_a_stop_token(refere
             break
     else:
         pytest.fail("no seed in range produced a stop token")
-    events = run_one(reference_engine, ids, SamplingParams(max_tokens=128, max_denoising_steps=4, seed=seed))
+    events = run_one(reference_engine, ids, SamplingParams(max_tokens=128, steps=4, seed=seed))
     assert_same_tokens(output_tokens(events), expected, f"stop token, seed {seed}")
     assert events[-1].finish_reason is FinishReason.STOP
     assert events[-1].usage.completion_tokens == len(expected) + 1  # the stop token counts, is not streamed
 
 
 def test_seeded_request_gives_the_same_tokens_alone_or_in_a_batch(engine):
-    params = SamplingParams(max_tokens=80, max_denoising_steps=6, seed=1234)
+    params = SamplingParams(max_tokens=80, steps=6, seed=1234)
     ids = prompt(23, 7)
     alone = output_tokens(run_one(engine, ids, params))
     # Same request beside others of other lengths, joining at different iterations.
-    engine.add_request("a", prompt(5, 8), SamplingParams(max_tokens=64, max_denoising_steps=5, seed=1))
-    engine.add_request("b", prompt(40, 9), SamplingParams(max_tokens=32, max_denoising_steps=7))
+    engine.add_request(Request("a", tuple(prompt(5, 8)), SamplingParams(max_tokens=64, steps=5, seed=1)))
+    engine.add_request(Request("b", tuple(prompt(40, 9)), SamplingParams(max_tokens=32, steps=7)))
     events = {"a": [], "b": [], "x": [], "c": []}
     for i in range(200):
         if i == 3:
-            engine.add_request("x", ids, params)
+            engine.add_request(Request("x", tuple(ids), params))
         if i == 5:
-            engine.add_request("c", prompt(17, 10), SamplingParams(max_tokens=96, temperature=0.5))
+            engine.add_request(Request("c", tuple(prompt(17, 10)), SamplingParams(max_tokens=96, temperature=0.5)))
         for event in engine.step()[0]:
             events[event.request_id].append(event)
         if not engine.has_unfinished():
             break
     assert_same_tokens(output_tokens(events["x"]), alone, "batched vs alone")
-    other_seed = output_tokens(run_one(engine, ids, SamplingParams(max_tokens=80, max_denoising_steps=6, seed=99)))
+    other_seed = output_tokens(run_one(engine, ids, SamplingParams(max_tokens=80, steps=6, seed=99)))
     assert other_seed != alone
 
 
 def test_temperature_zero_is_deterministic(engine):
-    params = SamplingParams(max_tokens=40, max_denoising_steps=4, temperature=0, stop_token_ids=())
+    params = SamplingParams(max_tokens=40, steps=4, temperature=0, stop_token_ids=())
     first, second = (output_tokens(run_one(engine, prompt(9, 3), params)) for _ in range(2))
     assert first == second and len(first) == 40
 
 
 def test_max_tokens_is_exact_and_reports_length(engine):
-    events = run_one(engine, prompt(9, 4), SamplingParams(max_tokens=45, max_denoising_steps=3, stop_token_ids=()))
+    events = run_one(engine, prompt(9, 4), SamplingParams(max_tokens=45, steps=3, stop_token_ids=()))
     assert len(output_tokens(events)) == 45
     assert [len(e.token_ids) for e in events if isinstance(e, BlockCommitted)] == [32, 13]
     finished = events[-1]
@@ -123,7 +123,7 @@ def test_max_tokens_is_exact_and_reports_length(engine):
 
 
 def test_stop_token_drops_the_rest_of_the_canvas(engine):
-    ids, base = prompt(9, 4), dict(max_tokens=96, max_denoising_steps=3, seed=5)
+    ids, base = prompt(9, 4), dict(max_tokens=96, steps=3, seed=5)
     free_run = output_tokens(run_one(engine, ids, SamplingParams(stop_token_ids=(), **base)))
     stop_id = free_run[40]  # a token of the second canvas
     first = free_run.index(stop_id)
@@ -134,22 +134,22 @@ def test_stop_token_drops_the_rest_of_the_canvas(engine):
 
 
 def test_drafts_only_for_requests_that_ask(engine):
-    events = run_one(engine, prompt(6, 1), SamplingParams(max_tokens=32, max_denoising_steps=3, stream_drafts=True))
+    events = run_one(engine, prompt(6, 1), SamplingParams(max_tokens=32, steps=3, stream_drafts=True))
     drafts = [e for e in events if isinstance(e, Draft)]
     assert [d.step for d in drafts] == [1, 2, 3] and drafts[-1].token_ids == output_tokens(events)
-    quiet = run_one(engine, prompt(6, 1), SamplingParams(max_tokens=32, max_denoising_steps=3))
+    quiet = run_one(engine, prompt(6, 1), SamplingParams(max_tokens=32, steps=3))
     assert not any(isinstance(e, Draft) for e in quiet)
 
 
 def test_abort_frees_the_slot_and_memory_before_the_next_iteration(engine):
-    engine.add_request("long", prompt(30, 2), SamplingParams(max_tokens=320, max_denoising_steps=48))
+    engine.add_request(Request("long", tuple(prompt(30, 2)), SamplingParams(max_tokens=320, steps=48)))
     engine.step()
-    assert engine.scheduler.budget.used_bytes > 0 and len(engine.scheduler.running) == 1
+    assert engine.scheduler.budget.num_used > 0 and len(engine.scheduler.running) == 1
     engine.abort("long")
-    assert engine.scheduler.budget.used_bytes == 0 and not engine.scheduler.running
+    assert engine.scheduler.budget.num_used == 0 and not engine.scheduler.running
     events, stats = engine.step()
     assert [(e.request_id, e.finish_reason) for e in events] == [("long", FinishReason.ABORT)]
-    assert stats.num_running == 0 and stats.kv_bytes_used == 0 and not engine.has_unfinished()
+    assert stats.num_running == 0 and stats.kv_pages_used == 0 and not engine.has_unfinished()
 
 
 def test_admission_waits_for_memory_and_refuses_what_can_never_fit(tiny_checkpoint):
@@ -157,18 +157,18 @@ def test_admission_waits_for_memory_and_refuses_what_can_never_fit(tiny_checkpoi
     # sequence of 10 + 2 x 32 slots needs three of them, so the budget holds one.
     small = Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=2 * 24_064 + 4 * 16_384, max_num_seqs=2,
                                 max_waiting=0))  # fmt: skip
-    params = SamplingParams(max_tokens=64, max_denoising_steps=2)
-    small.add_request("first", prompt(10, 1), params)
-    small.add_request("second", prompt(10, 2), params)
+    params = SamplingParams(max_tokens=64, steps=2)
+    small.add_request(Request("first", tuple(prompt(10, 1)), params))
+    small.add_request(Request("second", tuple(prompt(10, 2)), params))
     with pytest.raises(QueueFullError):
-        small.add_request("third", prompt(10, 3), params)
+        small.add_request(Request("third", tuple(prompt(10, 3)), params))
     _, stats = small.step()
     assert stats.num_running == 1 and stats.num_waiting == 1  # two slots, but the budget holds one sequence
     with pytest.raises(ValueError, match="more than the whole budget"):
-        small.add_request("huge", prompt(10, 4), SamplingParams(max_tokens=3000))
+        small.add_request(Request("huge", tuple(prompt(10, 4)), SamplingParams(max_tokens=3000)))
     while small.has_unfinished():
         small.step()
-    assert small.scheduler.budget.used_bytes == 0
+    assert small.scheduler.budget.num_used == 0
 
 
 def test_a_budget_too_small_for_the_sliding_windows_fails_at_start(tiny_checkpoint):
@@ -180,9 +180,9 @@ def test_a_budget_too_small_for_the_sliding_windows_fails_at_start(tiny_checkpoi
     "params, message",
     [
         (SamplingParams(max_tokens=0), "max_tokens must be >= 1"),
-        (SamplingParams(max_denoising_steps=0), "max_denoising_steps must be >= 1, got 0"),  # not the default 48
+        (SamplingParams(steps=0), "steps must be >= 1 and <= 1024, got 0"),  # not the default 48
         (SamplingParams(stability_threshold=-1), "stability_threshold must be >= 0"),
-        (SamplingParams(max_tokens=5000), "exceeds max_model_len"),
+        (SamplingParams(max_tokens=5000), "maximum context length is 4096 tokens"),
         (SamplingParams(entropy_bound=0), "entropy_bound must be > 0"),
         (SamplingParams(t_min=0.9, t_max=0.5), "t_min <= t_max"),
         (SamplingParams(temperature=-1), "temperature must be in"),
@@ -192,14 +192,14 @@ def test_a_budget_too_small_for_the_sliding_windows_fails_at_start(tiny_checkpoi
 )
 def test_invalid_parameters_are_clear_errors(engine, params, message):
     with pytest.raises(ValueError, match=message):
-        engine.add_request("bad", prompt(5, 1), params)
+        engine.add_request(Request("bad", tuple(prompt(5, 1)), params))
 
 
 def test_invalid_prompts_are_clear_errors(engine):
     with pytest.raises(ValueError, match="empty"):
-        engine.add_request("bad", [], SamplingParams())
+        engine.add_request(Request("bad", tuple([]), SamplingParams()))
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        engine.add_request("bad", [5, 2048], SamplingParams())
+        engine.add_request(Request("bad", tuple([5, 2048]), SamplingParams()))
 
 
 def test_a_sequence_computes_bit_identical_numbers_alone_or_in_any_batch(engine):
@@ -208,14 +208,14 @@ def test_a_sequence_computes_bit_identical_numbers_alone_or_in_any_batch(engine)
 
     Fails without the token and expert-group alignment (CPU GEMMs round small row counts differently).
     """
-    params = SamplingParams(max_tokens=32, max_denoising_steps=3, stability_threshold=4, seed=7, stream_drafts=True)
+    params = SamplingParams(max_tokens=32, steps=3, stability_threshold=4, seed=7, stream_drafts=True)
 
     def run(companions: list[list[int]], first: bool) -> tuple[list, torch.Tensor]:
         target = prompt(13, 99)
         requests = {f"c{i}": (p, SamplingParams(max_tokens=64, seed=i)) for i, p in enumerate(companions)}
         requests = {"x": (target, params), **requests} if first else {**requests, "x": (target, params)}
         for request_id, (ids, p) in requests.items():
-            engine.add_request(request_id, ids, p)
+            engine.add_request(Request(request_id, tuple(ids), p))
         drafts, soft = [], None
         while any(s.request_id == "x" for s in (*engine.scheduler.waiting, *engine.scheduler.running)):
             x = next(s for s in (*engine.scheduler.waiting, *engine.scheduler.running) if s.request_id == "x")
@@ -258,15 +258,15 @@ def chunked_engine(tiny_checkpoint):
 
 
 def test_a_long_prompt_prefills_in_chunks_while_others_keep_denoising(engine, chunked_engine):
-    slow = SamplingParams(max_tokens=32, max_denoising_steps=40, stability_threshold=41)  # no commit in the window
-    chunked_engine.add_request("running", prompt(10, 1), slow)
+    slow = SamplingParams(max_tokens=32, steps=40, stability_threshold=41)  # no commit in the window
+    chunked_engine.add_request(Request("running", tuple(prompt(10, 1)), slow))
     chunked_engine.step()
-    chunked_engine.add_request("long", prompt(40, 2), SamplingParams(max_tokens=32, seed=3))
+    chunked_engine.add_request(Request("long", tuple(prompt(40, 2)), SamplingParams(max_tokens=32, seed=3)))
     stats = [chunked_engine.step()[1] for _ in range(3)]
     assert [(s.num_encode_tokens, s.num_denoise_rows) for s in stats] == [(16, 1), (16, 1), (8, 2)]
     long = next(s for s in chunked_engine.scheduler.running if s.request_id == "long")
     # The chunked cache equals a one-pass prefill up to rounding (attention reductions run over other lengths).
-    engine.add_request("whole", prompt(40, 2), SamplingParams(max_tokens=32, seed=3))
+    engine.add_request(Request("whole", tuple(prompt(40, 2)), SamplingParams(max_tokens=32, seed=3)))
     engine.step()
     whole = next(s for s in engine.scheduler.running if s.request_id == "whole")
     for (chunk_k, chunk_v), (whole_k, whole_v) in zip(cached(chunked_engine, long), cached(engine, whole), strict=True):
@@ -284,7 +284,7 @@ def test_chunked_prefill_keeps_a_sequence_bit_identical_alone_or_in_a_batch(chun
 
     def prefilled_keys(requests: dict[str, tuple[list[int], SamplingParams]]) -> list[torch.Tensor]:
         for request_id, (ids, params) in requests.items():
-            chunked_engine.add_request(request_id, ids, params)
+            chunked_engine.add_request(Request(request_id, tuple(ids), params))
         x = next(s for s in chunked_engine.scheduler.waiting if s.request_id == "x")
         while x.slot < 0 or x.to_encode:
             chunked_engine.step()
@@ -306,9 +306,9 @@ def test_an_iteration_encodes_at_most_max_num_batched_tokens_in_whole_chunks(tin
     """A chunk that does not fit the bound waits whole (its offsets stay fixed); earlier arrivals go first."""
     bounded = Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=64 * MiB, max_num_seqs=4, prefill_chunk=16,
                                   max_num_batched_tokens=32))  # fmt: skip
-    slow = SamplingParams(max_tokens=32, max_denoising_steps=40, stability_threshold=41)  # no commit in the window
+    slow = SamplingParams(max_tokens=32, steps=40, stability_threshold=41)  # no commit in the window
     for i, name in enumerate("abc"):
-        bounded.add_request(name, prompt(40, i), slow)
+        bounded.add_request(Request(name, tuple(prompt(40, i)), slow))
     stats = [bounded.step()[1] for _ in range(5)]
     assert [(s.num_encode_tokens, s.num_denoise_rows) for s in stats] == [(32, 0), (32, 0), (32, 2), (16, 2), (8, 3)]
     with pytest.raises(ValueError, match="max_num_batched_tokens must be >= prefill_chunk"):
@@ -318,5 +318,5 @@ def test_an_iteration_encodes_at_most_max_num_batched_tokens_in_whole_chunks(tin
 def test_reference_mode_prefills_in_one_pass_as_generate_does(tiny_checkpoint):
     ref = Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=64 * MiB, reference_mode=True, max_num_seqs=1,
                               prefill_chunk=8))  # fmt: skip
-    ref.add_request("r", prompt(40, 4), SamplingParams(max_tokens=32, max_denoising_steps=2))
+    ref.add_request(Request("r", tuple(prompt(40, 4)), SamplingParams(max_tokens=32, steps=2)))
     assert ref.step()[1].num_encode_tokens == 40

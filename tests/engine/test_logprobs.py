@@ -11,7 +11,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.request import BlockCommitted, InvalidRequestError, SamplingParams
+from engine.request import BlockCommitted, InvalidRequestError, Request, SamplingParams
 from models.hub import DEMO_CHECKPOINT
 from server.text import Tokenizer
 
@@ -46,43 +46,53 @@ def scored_against_full_log_softmax(engine: Engine, ids: list[int], params: Samp
     """Run one request step by step, checking each entry against log_softmax over the whole vocabulary of the
     softcapped logits the model gave that position at the step that committed it (the runner's hidden states then,
     read back before the next step); returns the request's blocks."""
-    engine.add_request("full", ids, params)
-    seq, blocks = engine.scheduler.waiting[0], []
-    while engine.has_unfinished():
-        slot, start = seq.slot, seq.streamed  # where this step's block starts in the canvas
-        for event in engine.step()[0]:
-            if not isinstance(event, BlockCommitted):
-                continue
-            blocks.append(event)
-            full = torch.log_softmax(engine.model.logits(engine.runner.last_hidden[slot]).float(), -1)  # [C, V]
-            scored = [*event.token_ids, *([] if event.stop_token_id is None else [event.stop_token_id])]
-            assert [e.token_id for e in event.logprobs] == scored
-            for i, entry in enumerate(event.logprobs):
-                position = full[start + i]
-                assert entry.logprob == pytest.approx(position[entry.token_id].item(), abs=1e-5)
-                values, top = torch.topk(position, params.logprobs)
-                assert [t for t, _ in entry.top] == top.tolist()
-                assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-5)
+    steps = []  # each step's hidden states [rows, C, H], recorded by wrapping the runner's forward
+    forward = engine.runner.forward
+
+    def recording(seqs, inputs):
+        out, hidden = forward(seqs, inputs)
+        steps.append(hidden.clone())
+        return out, hidden
+
+    engine.runner.forward = recording  # the instance's, until the end of this run
+    try:
+        engine.add_request(Request("full", tuple(ids), params))
+        seq, blocks = engine.scheduler.waiting[0], []
+        while engine.has_unfinished():
+            slot, start = seq.slot, seq.streamed  # where this step's block starts in the canvas
+            for event in engine.step()[0]:
+                if not isinstance(event, BlockCommitted):
+                    continue
+                blocks.append(event)
+                full = torch.log_softmax(engine.model.logits(steps[-1][slot]).float(), -1)  # [C, V]
+                scored = [*event.token_ids, *([] if event.stop_token_id is None else [event.stop_token_id])]
+                assert [e.token_id for e in event.logprobs] == scored
+                for i, entry in enumerate(event.logprobs):
+                    position = full[start + i]
+                    assert entry.logprob == pytest.approx(position[entry.token_id].item(), abs=1e-5)
+                    values, top = torch.topk(position, params.logprobs)
+                    assert [t for t, _ in entry.top] == top.tolist()
+                    assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-5)
+    finally:
+        del engine.runner.forward
     return blocks
 
 
 def test_logprobs_equal_a_full_log_softmax_of_the_committing_step(engine):
-    params = SamplingParams(max_tokens=40, max_denoising_steps=STEPS, seed=3, logprobs=5)
+    params = SamplingParams(max_tokens=40, steps=STEPS, seed=3, logprobs=5)
     assert len(tokens(scored_against_full_log_softmax(engine, prompt(0), params))) == 40
 
 
 def test_settled_prefixes_are_scored_at_the_step_that_settled_them():
     """The demo checkpoint's canvases settle (the tiny random one's never do): partial blocks start mid-canvas."""
     engine = Engine(EngineConfig(str(DEMO_CHECKPOINT), kv_budget_bytes=64 * MiB, max_num_seqs=1))
-    params = SamplingParams(max_tokens=64, max_denoising_steps=8, seed=1, logprobs=2, stream_prefix=True)
+    params = SamplingParams(max_tokens=64, steps=8, seed=1, logprobs=2, stream_prefix=True)
     blocks = scored_against_full_log_softmax(engine, demo_prompt(), params)
     assert blocks[0].partial and not blocks[1].partial  # the canvas's final block starts where the prefix ended
 
 
 def test_entries_one_per_token_then_the_stop_token(engine):
-    plain = run(
-        engine, {"a": (prompt(1), SamplingParams(max_tokens=24, max_denoising_steps=STEPS, seed=5, logprobs=3))}
-    )["a"]
+    plain = run(engine, {"a": (prompt(1), SamplingParams(max_tokens=24, steps=STEPS, seed=5, logprobs=3))})["a"]
     out = tokens(plain)
     assert len(entries(plain)) == len(out) == 24
     for entry in entries(plain):
@@ -93,7 +103,7 @@ def test_entries_one_per_token_then_the_stop_token(engine):
     # The same canvas cut at a stop token: its entry comes last, at the position it held.
     stop = out[7]
     cut = out.index(stop)
-    params = SamplingParams(max_tokens=24, max_denoising_steps=STEPS, seed=5, logprobs=3, stop_token_ids=(stop,))
+    params = SamplingParams(max_tokens=24, steps=STEPS, seed=5, logprobs=3, stop_token_ids=(stop,))
     events = engine.generate({"b": (prompt(1), params)})["b"]
     blocks = [e for e in events if isinstance(e, BlockCommitted)]
     assert tokens(blocks) == out[:cut] and blocks[-1].stop_token_id == stop
@@ -102,17 +112,15 @@ def test_entries_one_per_token_then_the_stop_token(engine):
 
 
 def test_logprobs_change_no_token_and_are_batch_invariant(engine):
-    alone = run(
-        engine, {"x": (prompt(2), SamplingParams(max_tokens=30, max_denoising_steps=STEPS, seed=9, logprobs=2))}
-    )["x"]
-    without = run(engine, {"x": (prompt(2), SamplingParams(max_tokens=30, max_denoising_steps=STEPS, seed=9))})["x"]
+    alone = run(engine, {"x": (prompt(2), SamplingParams(max_tokens=30, steps=STEPS, seed=9, logprobs=2))})["x"]
+    without = run(engine, {"x": (prompt(2), SamplingParams(max_tokens=30, steps=STEPS, seed=9))})["x"]
     assert tokens(alone) == tokens(without) and all(b.logprobs is None for b in without)
     batch = run(
         engine,
         {
-            "x": (prompt(2), SamplingParams(max_tokens=30, max_denoising_steps=STEPS, seed=9, logprobs=2)),
-            "y": (prompt(3), SamplingParams(max_tokens=20, max_denoising_steps=STEPS, seed=1, logprobs=20)),
-            "z": (prompt(4), SamplingParams(max_tokens=20, max_denoising_steps=STEPS, seed=2)),
+            "x": (prompt(2), SamplingParams(max_tokens=30, steps=STEPS, seed=9, logprobs=2)),
+            "y": (prompt(3), SamplingParams(max_tokens=20, steps=STEPS, seed=1, logprobs=20)),
+            "z": (prompt(4), SamplingParams(max_tokens=20, steps=STEPS, seed=2)),
         },
     )
     assert tokens(batch["x"]) == tokens(alone)
@@ -123,9 +131,7 @@ def test_logprobs_change_no_token_and_are_batch_invariant(engine):
 def test_reference_mode_tokens_do_not_change(tiny_checkpoint):
     engine = Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=64 * MiB, reference_mode=True, max_num_seqs=1))
     runs = [
-        run(engine, {"r": (prompt(5), SamplingParams(max_tokens=20, max_denoising_steps=STEPS, seed=4, logprobs=k))})[
-            "r"
-        ]
+        run(engine, {"r": (prompt(5), SamplingParams(max_tokens=20, steps=STEPS, seed=4, logprobs=k))})["r"]
         for k in (None, 4)
     ]
     assert tokens(runs[0]) == tokens(runs[1]) and len(entries(runs[1])) == 20
@@ -134,4 +140,4 @@ def test_reference_mode_tokens_do_not_change(tiny_checkpoint):
 @pytest.mark.parametrize("k", [-1, 21])
 def test_logprobs_out_of_range_are_refused(engine, k):
     with pytest.raises(InvalidRequestError, match="logprobs"):
-        engine.add_request("bad", prompt(0), SamplingParams(logprobs=k))
+        engine.add_request(Request("bad", tuple(prompt(0)), SamplingParams(logprobs=k)))

@@ -8,7 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import noise
-from engine.sampler import accept_mask, fast_step, schedule_temperature
+from engine.reference_runner import schedule_temperature
+from engine.sampler import accept_mask, fast_step
 from models.loader import load_model
 
 ACCEPT_ALL = float("inf")
@@ -41,21 +42,19 @@ def unpinned(hidden: torch.Tensor) -> torch.Tensor:
     return torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
 
 
+def row_inputs(rows: int, temperature, factor, bound) -> dict[str, torch.Tensor]:
+    """The sampler's per-row inputs: schedule temperature, temperature factor and entropy bound, per row or for all."""
+    values = {"schedule_temperature": temperature, "temperature": factor, "entropy_bound": bound}
+    return {name: torch.as_tensor(v, dtype=torch.float32).expand(rows).contiguous() for name, v in values.items()}
+
+
 def step(model, hidden, temperature, factor, bound, key, vocab_chunk=300):
     """fast_step with per-row factors and a temperature and bound per row or for all; it pays for scaled proposals
     only when a factor needs them."""
     scaled = any(f not in (0.0, 1.0) for f in factor)
     rows = hidden.shape[0]
     return fast_step(
-        model,
-        hidden,
-        torch.tensor(temperature).expand(rows).contiguous(),
-        torch.tensor(factor),
-        torch.tensor(bound).expand(rows).contiguous(),
-        key,
-        unpinned(hidden),
-        vocab_chunk,
-        scaled,
+        model, hidden, row_inputs(rows, temperature, factor, bound), key, unpinned(hidden), vocab_chunk, scaled
     )
 
 
@@ -106,7 +105,7 @@ def test_argmax_keeps_the_first_index_across_blocks_and_chunks():
     result = fast_step(
         TableModel(table),
         torch.zeros(1, 4, 8),
-        *[torch.ones(1)] * 3,
+        row_inputs(1, 1.0, 1.0, 1.0),
         keys(1),
         torch.zeros(1, 4, dtype=torch.bool),
         vocab_chunk=512,
@@ -178,7 +177,8 @@ def test_a_row_is_bit_identical_alone_and_in_any_batch(model):
     def run(sl: slice):
         scaled = any(f not in (0.0, 1.0) for f in factor[sl].tolist())
         h = hidden[sl]
-        return fast_step(model, h, temperature[sl], factor[sl], bound[sl], key[sl], unpinned(h), 256, scaled)
+        inputs = row_inputs(h.shape[0], temperature[sl], factor[sl], bound[sl])
+        return fast_step(model, h, inputs, key[sl], unpinned(h), 256, scaled)
 
     alone = [run(slice(r, r + 1)) for r in range(rows)]
     for batch in (2, 4, 8, 16):
@@ -222,11 +222,10 @@ def test_the_step_has_no_syncs_and_no_per_row_work(model, scaled):
     for rows in (1, 16):
         hidden = hidden_rows(model, rows, scale=30.0, seed=5)
         factor = torch.full((rows,), 0.5 if scaled else 1.0)
-        recorder = OpRecorder()
+        inputs, recorder = row_inputs(rows, 0.6, factor, 0.1), OpRecorder()
         with recorder:
             pins = unpinned(hidden)
-            fast_step(model, hidden, torch.full((rows,), 0.6), factor, torch.full((rows,), 0.1), keys(rows), pins, 512,
-                      scaled)  # fmt: skip
+            fast_step(model, hidden, inputs, keys(rows), pins, 512, scaled)
         forbidden = [op for op in recorder.ops if op.startswith(SYNCING_OR_DATA_SIZED)]
         assert not forbidden and not recorder.bool_indexing
         counts.append(len(recorder.ops))
@@ -237,13 +236,7 @@ def test_the_step_compiles_as_one_graph(model):
     torch._dynamo.reset()
     compiled = torch.compile(fast_step, fullgraph=True, backend="aot_eager")
     hidden = hidden_rows(model, 2, scale=30.0, seed=6)
-    args = (
-        torch.tensor([0.8, 0.5]),
-        torch.tensor([1.0, 0.5]),
-        torch.tensor([0.1, ACCEPT_ALL]),
-        keys(2),
-        unpinned(hidden),
-    )
+    args = (row_inputs(2, [0.8, 0.5], [1.0, 0.5], [0.1, ACCEPT_ALL]), keys(2), unpinned(hidden))
     eager = fast_step(model, hidden, *args, 1024, True)
     graph = compiled(model, hidden, *args, 1024, True)
     assert torch.equal(graph.canvas, eager.canvas) and torch.equal(graph.argmax, eager.argmax)
@@ -260,9 +253,7 @@ def test_the_accelerator_soft_embedding_gemm_traces(tiny_checkpoint):
     result = fast_step(
         model,
         hidden,
-        torch.full((2,), 0.8, **meta),
-        torch.full((2,), 0.5, **meta),
-        torch.full((2,), 0.1, **meta),
+        {name: x.to("meta") for name, x in row_inputs(2, 0.8, 0.5, 0.1).items()},
         torch.zeros(2, dtype=torch.long, **meta),
         torch.zeros(2, length, dtype=torch.bool, **meta),
         512,

@@ -127,7 +127,7 @@ def test_the_triton_bf16_path_gives_the_cpu_paths_tokens(tiny_checkpoint):
         engine = Engine(EngineConfig(str(tiny_checkpoint), kv_budget_bytes=2**26, reference_mode=True, max_num_seqs=1,
                                      device_class=device_class))  # fmt: skip
         assert engine.model.layers[0].experts.path.kernel == ("triton" if device_class else "grouped_mm")
-        params = SamplingParams(max_tokens=32, seed=3, max_denoising_steps=2)
+        params = SamplingParams(max_tokens=32, seed=3, steps=2)
         tokens.append(output_tokens(engine.generate({"r": ([2, 105, 31, 7, 99], params)})["r"]))
     assert len(tokens[0]) == 32
     assert_same_tokens(tokens[1], tokens[0], "triton vs torch grouped_mm")

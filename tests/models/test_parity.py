@@ -13,8 +13,8 @@ import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 from transformers.cache_utils import DynamicCache
 
-from models.kv_cache import KVCache
 from models.loader import load_model
+from tests.models.dense_cache import KVCache
 
 DTYPES = [torch.bfloat16, torch.float32]
 

@@ -132,7 +132,7 @@ def reference_mode_tokens(checkpoint: Path, device_class: str | None = None, **p
 @pytest.mark.parametrize("device_class", [None, "sm86"])
 def test_reference_mode_tokens_equal_the_twins(pair, device_class):
     _, checkpoint, twin = pair
-    steps = {"max_denoising_steps": 2} if device_class else {}  # the interpreter is slow
+    steps = {"steps": 2} if device_class else {}  # the interpreter is slow
     tokens = reference_mode_tokens(checkpoint, device_class, **steps)
     assert len(tokens) == 64
     assert_same_tokens(tokens, reference_mode_tokens(twin, **steps), f"quantized ({device_class}) vs dequantised twin")

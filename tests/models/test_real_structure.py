@@ -105,6 +105,6 @@ def test_reference_mode_matches_generate_token_for_token(structure_checkpoint, r
     expected = reference_generate(reference, ids, 4, max_new_tokens=256, max_denoising_steps=3)
     engine = Engine(EngineConfig(str(structure_checkpoint), device="cpu", dtype="float32", kv_budget_bytes=2**30,
                                  reference_mode=True, max_num_seqs=1))  # fmt: skip
-    events = engine.generate({"r": (ids, SamplingParams(max_tokens=256, max_denoising_steps=3, seed=4))})["r"]
+    events = engine.generate({"r": (ids, SamplingParams(max_tokens=256, steps=3, seed=4))})["r"]
     assert len(expected) == 256
     assert_same_tokens(output_tokens(events), expected, "reference mode vs generate, real structure")

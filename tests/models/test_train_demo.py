@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from models.hub import DEMO_CHECKPOINT
-from models.kv_cache import KVCache
 from models.loader import load_model
+from tests.models.dense_cache import KVCache
 from tools.train_demo import LoopExperts, denoise_logits, encode
 
 ROOT = Path(__file__).resolve().parents[2]

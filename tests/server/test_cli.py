@@ -72,7 +72,7 @@ def test_generate_rejects_bad_parameters_with_a_clear_message(tiny_checkpoint):
     run = dgserve("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--max-tokens", "0")
     assert run.returncode != 0 and "max_tokens must be >= 1" in run.stderr
     run = dgserve("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--steps", "0")
-    assert run.returncode != 0 and "max_denoising_steps must be >= 1, got 0" in run.stderr
+    assert run.returncode != 0 and "steps must be >= 1 and <= 1024, got 0" in run.stderr
 
 
 def test_write_checkpoint_then_generate_from_the_random_demo_cache(tmp_path):

@@ -1,43 +1,12 @@
-"""How a pass attends over the KV cache, and the dense batch cache the reference layout uses (spec 4.2-4.3, 5.2).
-
-The model never builds masks or touches cache tensors: each pass asks its cache for an `Attend` function, which
-stores the new keys and values (encoder passes only) and runs attention over cache + new slots. This dense cache
-keeps rows in lockstep like transformers' DynamicCache; the engine has its own per-sequence layout.
-"""
+"""The dense batch cache of the reference layout (spec 4.2-4.3, 5.2): rows in lockstep like transformers'
+DynamicCache, for parity tests that run the model without the engine."""
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
-import torch.nn.functional as F
 
+from models.attend import Attend, causal_mask, sdpa
 from models.config import ModelConfig
-
-
-class Attend(Protocol):
-    def __call__(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-        """q [B, heads, S, d] (None: only store k, v), k and v [B, kv, S, d] of the new slots -> [B, heads, S, d]."""
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Scale-1.0 attention, called exactly as the reference calls SDPA (spec 9.4).
-
-    GQA runs inside SDPA only when unmasked and d <= 256; otherwise K/V heads are repeated first. Both give the same
-    math, but bit parity needs the same kernel inputs.
-    """
-    groups = q.shape[1] // k.shape[1]
-    in_kernel = mask is None and q.shape[-1] <= 256
-    if groups > 1 and not in_kernel:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=in_kernel and groups > 1)
-
-
-def causal_mask(key_positions: torch.Tensor, query_positions: torch.Tensor, window: int | None) -> torch.Tensor:
-    """[B, 1, S, n] bool: key valid (position >= 0), not after the query, and inside the window if sliding."""
-    k, q = key_positions[:, None, None, :], query_positions[:, None, :, None]
-    allowed = (k >= 0) & (k <= q)
-    return allowed & (q - k < window) if window is not None else allowed
 
 
 class KVCache:
