@@ -184,8 +184,7 @@ def _serve(args: argparse.Namespace) -> None:
     _warn_if_demo(args.model, checkpoint)
     name = args.served_model_name or ("dgserve-demo" if args.model in (None, DEMO) else args.model)
     metrics = Metrics(name)
-    config = EngineConfig(str(checkpoint), device=device, **_fills(args, "engine"),
-                          fault_injection=os.environ.get("DGSERVE_TEST_FAULT"))  # fmt: skip
+    config = EngineConfig(str(checkpoint), device=device, **_fills(args, "engine"))
     try:
         engine = AsyncEngine(config, on_step=metrics.on_step)
     except (DeviceUnavailableError, InsufficientMemoryError) as exc:
