@@ -41,11 +41,6 @@ class Constraint:
         self.preferred = list(preferred)  # grammar-chosen tokens, in order of preference (see the module doc)
         self.reserve = reserve  # tokens left at which every position is grammar-chosen, to close the document
 
-    @property
-    def complete(self) -> bool:
-        """Nothing more may follow (the grammar stopped)."""
-        return self.matcher.is_stopped()
-
     def commit(self, canvas: list[int], candidates: list[list[int]], budget: int) -> tuple[list[int], bool]:
         """Walk `canvas` (cut to at most `budget` tokens) under the grammar: returns the tokens to commit and
         whether they complete the document. The matcher has consumed exactly those tokens."""

@@ -49,8 +49,6 @@ class ModelConfig:
     final_logit_softcapping: float
     canvas_length: int
     max_position_embeddings: int
-    pad_token_id: int
-    bos_token_id: int
     eos_token_ids: tuple[int, ...]  # config.json's; generation uses GenerationDefaults.eos_token_ids
 
     @property
@@ -70,7 +68,6 @@ class GenerationDefaults:
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
     eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int | None = None
 
 
 def _ids(value: Any) -> tuple[int, ...]:
@@ -195,8 +192,6 @@ def model_config_from_dict(cfg: dict[str, Any]) -> ModelConfig:
         final_logit_softcapping=float(text.get("final_logit_softcapping") or 30.0),
         canvas_length=int(cfg.get("canvas_length") or 256),
         max_position_embeddings=int(text.get("max_position_embeddings", 131_072)),
-        pad_token_id=int(text.get("pad_token_id", 0)),
-        bos_token_id=int(text.get("bos_token_id", 2)),
         eos_token_ids=_ids(cfg.get("eos_token_id", text.get("eos_token_id", 1))),
     )
     if config.top_k_experts > config.num_experts:
@@ -217,7 +212,6 @@ def generation_defaults_from_dict(cfg: dict[str, Any]) -> GenerationDefaults:
         stability_threshold=int(cfg.get("stability_threshold", default.stability_threshold)),
         confidence_threshold=float(cfg.get("confidence_threshold", default.confidence_threshold)),
         eos_token_ids=_ids(cfg.get("eos_token_id")),
-        pad_token_id=cfg.get("pad_token_id"),
     )
 
 

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from tests.reliability.fault_launcher import launcher
 from tests.server.conftest import start_server, stop_server
 from tests.server.test_errors_and_endpoints import assert_openai_error
 
@@ -79,7 +80,7 @@ def test_sigterm_with_zero_drain_timeout_fails_in_flight_requests_and_exits_fast
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 def test_a_recoverable_fault_fails_the_request_in_flight_and_later_ones_succeed(tiny_checkpoint, tmp_path, stream):
-    server = start_server(tiny_checkpoint, tmp_path / "oom.log", env={"DGSERVE_TEST_FAULT": "oom@3"})
+    server = start_server(tiny_checkpoint, tmp_path / "oom.log", launcher=launcher("oom@3"))
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             body = {**LONG, "max_tokens": 64, "stream": stream}
@@ -91,12 +92,13 @@ def test_a_recoverable_fault_fails_the_request_in_flight_and_later_ones_succeed(
             after = http.post("/v1/completions", json={**LONG, "max_tokens": 8})
             assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 8
             assert http.get("/health").status_code == 200
+        assert "(injected by the test)" in server.logs()  # the failure was the launcher's
     finally:
         stop_server(server)
 
 
 def test_an_unrecoverable_fault_turns_health_to_503(tiny_checkpoint, tmp_path):
-    server = start_server(tiny_checkpoint, tmp_path / "fatal.log", env={"DGSERVE_TEST_FAULT": "fatal@2"})
+    server = start_server(tiny_checkpoint, tmp_path / "fatal.log", launcher=launcher("fatal@2"))
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             failed = http.post("/v1/completions", json={**LONG, "max_tokens": 64})
@@ -105,6 +107,7 @@ def test_an_unrecoverable_fault_turns_health_to_503(tiny_checkpoint, tmp_path):
             assert http.get("/ready").status_code == 503
             dead = http.post("/v1/completions", json={**LONG, "max_tokens": 8})
             assert_openai_error(dead, 503, "engine_unavailable")
+        assert "SystemError: injected fatal fault" in server.logs()
     finally:
         stop_server(server)
 

@@ -1,19 +1,19 @@
 """Admission, not OOM (issue 23), against one real `dgserve serve` process through the official client: long prompts
 beyond the KV budget wait in the queue and all finish, and an allocation failure fails only its iteration.
 
-The server runs under oom_launcher.py, which makes the engine's next allocation fail whenever the trigger file exists.
+The server runs under fault_launcher.py, which makes the engine's next allocation fail whenever the trigger file exists.
 An 800 KiB budget holds three 200-token prompts at once (16 KiB pages of 32 tokens, 16 slots of 24 KiB)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from tests.reliability.fault_launcher import launcher
 from tests.reliability.test_lifecycle import metric
 from tests.server.conftest import start_server, stop_server
 
@@ -23,12 +23,12 @@ SHORT = dict(model="tiny", max_tokens=8, extra_body={"diffusion": {"steps": 2}})
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("memory-pressure")
-    launcher = (str(Path(__file__).with_name("oom_launcher.py")), str(tmp / "fail-next-allocation"))
+    trigger = tmp / "fail-next-allocation"
     live = start_server(
         tiny_checkpoint, tmp / "server.log", "--kv-budget-bytes", str(800 * 2**10), "--max-num-seqs", "16",
-        "--max-num-batched-tokens", "256", "--prefill-chunk", "128", launcher=launcher,
+        "--max-num-batched-tokens", "256", "--prefill-chunk", "128", launcher=launcher(f"oom-file:{trigger}"),
     )  # fmt: skip
-    live.trigger = Path(launcher[1])
+    live.trigger = trigger
     yield live
     stop_server(live)
 
