@@ -13,6 +13,7 @@ they kept more than 5 % of the CPUs busy is repeated, up to 3 attempts.
     python -m benchmarks.bench_engine                      # N=16, B=1 2 4: about 8 minutes
     python -m benchmarks.bench_engine --steps 4 --rows 1 2 # smoke check
     python -m benchmarks.bench_engine --compiled           # also our step compiled by inductor
+    python -m benchmarks.bench_engine --skip-reference --baseline ../before  # this tree against another checkout
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import argparse
 import json
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -146,6 +150,15 @@ def run_engine(checkpoint: str, steps: int, rows: int, compile: bool = False) ->
 
 def run_compiled(checkpoint: str, steps: int, rows: int) -> Result:
     return run_engine(checkpoint, steps, rows, compile=True)
+
+
+def run_baseline(tree: str, checkpoint: str, steps: int, rows: int) -> Result:
+    """run_engine of another checkout (a git worktree of an earlier commit), in a process that imports its code."""
+    call = f"run_engine({checkpoint!r}, {steps}, {rows})"
+    code = f"import json; from benchmarks.bench_engine import run_engine; print(json.dumps({call}))"
+    env = {**os.environ, "PYTHONPATH": tree}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def result(
@@ -273,6 +286,22 @@ def report(ref_runs: list[Result], ours_runs: list[Result], compiled_runs: list[
     }
 
 
+def against_baseline(baseline: list[Result], ours: list[Result], tree: Path) -> list[dict[str, float]]:
+    """Print this tree's engine against the baseline checkout's, measured in the same run."""
+    print(f"\nthis tree against the baseline {tree} (ratio = this / baseline; ms/step: lower is better)")
+    print("   B | base tok/s  this tok/s  ratio | base ms/step  this ms/step  ratio | base growth  this growth MiB")
+    rows = []
+    for old, new in zip(baseline, ours, strict=True):
+        tok, ms = new["tok_s"] / old["tok_s"], new["step_ms"] / old["step_ms"]
+        print(
+            f"{new['rows']:4.0f} | {old['tok_s']:10.2f} {new['tok_s']:11.2f} {tok:5.2f}x |"
+            f" {old['step_ms']:12.1f} {new['step_ms']:12.1f} {ms:5.2f}x |"
+            f" {old['growth_mib']:11.0f} {new['growth_mib']:12.0f}"
+        )
+        rows.append({"rows": new["rows"], "tok_s_ratio": tok, "step_ms_ratio": ms})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=16, help="denoising steps per canvas (fixed)")
@@ -280,6 +309,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a bench checkpoint directory; default: write one to the cache")
     parser.add_argument("--skip-reference", action="store_true", help="measure our engine only")
     parser.add_argument("--compiled", action="store_true", help="also measure our step compiled by inductor")
+    parser.add_argument("--baseline", type=Path, help="also measure this checkout's engine (e.g. a worktree of main)")
     parser.add_argument("--json", type=Path, help="write every number here")
     args = parser.parse_args()
     rows = sorted(set(args.rows))
@@ -288,14 +318,18 @@ def main() -> None:
     checkpoint = str(args.checkpoint or bench_checkpoint())
 
     start = time.perf_counter()
-    ref, ours, compiled = [], [], []
+    ref, ours, compiled, baseline = [], [], [], []
     for b in rows:
         if not args.skip_reference:
             ref.append(measure(run_reference, checkpoint, args.steps, b))
         ours.append(measure(run_engine, checkpoint, args.steps, b))
         if args.compiled:
             compiled.append(measure(run_compiled, checkpoint, args.steps, b))
+        if args.baseline:
+            baseline.append(measure(partial(run_baseline, str(args.baseline.resolve())), checkpoint, args.steps, b))
     summary = report(ref, ours, compiled, args.steps)
+    if baseline:
+        summary["baseline"] = against_baseline(baseline, ours, args.baseline)
     # Oversubscribed OpenMP threads lose far more than the share other processes take.
     if (busy := max(contention([r]) for r in ref + ours + compiled)) > CONTENDED:
         print(f"\nWARNING: other processes kept up to {busy:.0%} of the CPUs busy in a measurement; rerun when quiet")

@@ -48,8 +48,8 @@ class CanvasState:
 
         A canvas commits when it stops (stable and confident), on its last step, or when it settles and its pinned
         prefix holds all the output it may still give or a stop token."""
-        denoising, settle_steps = inputs["denoising"], inputs["settle_steps"][:, None]
-        rows, length = result.argmax.shape
+        denoising, settle_steps = inputs["denoising"], inputs["settle_steps"]
+        rows = result.argmax.shape[0]
         pinned = self.pinned[:rows]
         argmax = torch.where(pinned, self.canvas[:rows], result.argmax)
         same = argmax == self.argmax[:rows]
@@ -57,19 +57,18 @@ class CanvasState:
         run = torch.where(unchanged, self.run[:rows] + 1, 0)
         stopped = (run >= inputs["stability_threshold"]) & (result.mean_entropy < inputs["confidence_threshold"])
         streak = torch.where(same & (result.entropy < inputs["settle_entropy"][:, None]), self.streak[:rows] + 1, 0)
-        settled = pinned | ((streak >= settle_steps) & (settle_steps > 0))
-        prefix = settled.long().cumprod(-1).sum(-1)
-        positions = torch.arange(length, device=argmax.device)
+        settles = settle_steps > 0
+        settled = pinned | ((streak >= settle_steps[:, None]) & settles[:, None])
+        prefix_mask = settled.long().cumprod(-1)  # [rows, C] 1 up to the first position not settled
+        prefix = prefix_mask.sum(-1)
+        in_prefix = prefix_mask > 0
+        # A settled prefix that holds a stop token, or all the output the request may still give, ends the canvas.
         stop_token = (argmax[..., None] == inputs["stop_token_ids"][:, None, :]).any(-1)  # [rows, C]
-        prefix_holds = (prefix >= inputs["tokens_left"].clamp(max=length)) | (
-            stop_token & (positions < prefix[:, None])
-        ).any(-1)
-        commits = denoising & (
-            stopped | (inputs["step"] >= inputs["steps"]) | ((settle_steps[:, 0] > 0) & prefix_holds)
-        )
+        full = (prefix >= inputs["tokens_left"]) | (stop_token & in_prefix).any(-1)
+        commits = denoising & (stopped | inputs["last_step"] | (settles & full))
         keep = denoising[:, None]
         # A select, not `|`: inductor's CPU vectoriser miscompiles a bool | of an int64 comparison into this buffer.
-        pinned = torch.where(positions < torch.where(denoising, prefix, 0)[:, None], True, pinned)
+        pinned = torch.where(keep & in_prefix, True, pinned)
         self.pinned[:rows] = pinned
         self.canvas[:rows] = torch.where(keep, torch.where(pinned, argmax, result.canvas), self.canvas[:rows])
         self.argmax[:rows] = torch.where(keep, argmax, self.argmax[:rows])

@@ -141,7 +141,7 @@ class Engine:
             output = self.runner.run(batch)
         except torch.OutOfMemoryError as exc:
             events += self._out_of_memory(batch, exc)
-            output = StepOutput([], lambda blocks: [])
+            output = StepOutput()
         else:
             events += self.scheduler.postprocess(batch, output)
         return events, self._stats(batch, output, events)

@@ -103,8 +103,10 @@ class ModelRunner:
         for seq in batch.starts:
             self.start_canvas(seq)
         encoded = time.perf_counter()
-        rows, scorer = self.denoise(batch.denoise) if batch.denoise else ([], _no_scores)
         num_encoded = sum(len(chunk.token_ids) for chunk in batch.encode)
+        if not batch.denoise:
+            return StepOutput(num_encoded=num_encoded, encode_s=encoded - start)
+        rows, scorer = self.denoise(batch.denoise)
         return StepOutput(rows, scorer, num_encoded, encoded - start, time.perf_counter() - encoded)
 
     def admit(self, seqs: list[Sequence]) -> None:
@@ -140,7 +142,7 @@ class ModelRunner:
 
     def noise(self, seq: Sequence) -> torch.Tensor:
         """[C] the canvas's initial noise, keyed by (seed, canvas index)."""
-        key = noise.step_key(*(torch.tensor([x], device=self.device) for x in (seq.seed, seq.num_canvases, 0)))
+        key = torch.tensor([noise.step_key(seq.seed, seq.num_canvases, 0)], device=self.device)
         return noise.initial_canvas(key, self.config.canvas_length, self.config.vocab_size)[0]
 
     @torch.no_grad()  # not inference_mode: see engine/graphs.py
@@ -185,9 +187,8 @@ class ModelRunner:
         attend = decoder_attention(self.pool, decoder_batch(self.pool, inputs["table"], inputs["length"], c))
         soft = self.canvases.soft[:rows] if self_condition else None  # a zero SC input is exactly none (spec 5)
         hidden = self.model.denoise(self.canvases.canvas[:rows], positions, attend, soft)
-        key = noise.step_key(inputs["seed"], inputs["canvas_index"], inputs["step"])
         pinned, chunk = self.canvases.pinned[:rows], self.engine_config.sampler_chunk
-        result = fast_step(self.model, hidden, inputs, key, pinned, chunk, scaled_proposals)
+        result = fast_step(self.model, hidden, inputs, inputs["noise_key"], pinned, chunk, scaled_proposals)
         return self.update(result, inputs), hidden
 
     def update(self, result: StepResult, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -244,9 +245,9 @@ class ModelRunner:
         allocated before, elsewhere LiveBytes."""
         work, first = [], 1
         for slot, n in enumerate(chunks):
-            pages = self.layout.pages_for(n)
-            seq = Sequence(Request(f"profile-{slot}", (0,) * n), SamplingParams(), 0, pages, self.config.canvas_length)
-            seq.slot, seq.pages, first = slot, list(range(first, first + pages)), first + pages
+            num_pages, request = self.layout.pages_for(n), Request(f"profile-{slot}", (0,) * n)
+            pages, first = list(range(first, first + num_pages)), first + num_pages
+            seq = Sequence(request, SamplingParams(), 0, num_pages, self.config.canvas_length, slot=slot, pages=pages)
             work.append(Chunk(seq, 0, [0] * n))
         self.admit([chunk.seq for chunk in work])
         width = page_bucket(self.layout.pages_for(context + self.config.canvas_length))
@@ -265,10 +266,6 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - base
         return tracker.peak
-
-
-def _no_scores(blocks: list[tuple[int, int, list[int], int]]) -> list[tuple[Logprob, ...]]:
-    return []
 
 
 def _logprob(token: int, row: list[float], widest: int, k: int) -> Logprob:

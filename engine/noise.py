@@ -29,14 +29,17 @@ _LANES = (0x9E3779B9, 0x7F4A7C15)  # distinct starting states for the key's two 
 _GOLDEN = 0x9E3779B9  # spreads stream ids over 32-bit words
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+Word = int | torch.Tensor  # int64 words: the hash is the same integer arithmetic on Python ints and tensors
+
+
+def _mul32(x: Word, c: int) -> Word:
     """x * c mod 2**32 for words x in [0, 2**32): with c >= 2**31, x * 2**31 mod 2**32 is (x & 1) << 31."""
     if c < 2**31:
         return (x * c) & MASK32
     return (x * (c - 2**31) + ((x & 1) << 31)) & MASK32
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
+def _hash32(x: Word) -> Word:
     """lowbias32 of int64 words in [0, 2**32)."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
@@ -45,12 +48,13 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def step_key(seed: torch.Tensor, canvas_index: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """[R] int64 keys in [0, 2**63) from [R] int64 seeds (any 64-bit value), canvas indices and steps (mod 2**32)."""
+def step_key(seed: Word, canvas_index: Word, step: Word) -> Word:
+    """A key in [0, 2**63) from a seed (any 64-bit value), a canvas index and a step (mod 2**32): Python ints (as the
+    engine computes a step's keys on the host), or [R] int64 tensors, with the same values."""
     words = (seed & MASK32, (seed >> 32) & MASK32, canvas_index & MASK32, step & MASK32)
     lanes = []
     for state in _LANES:
-        lane = torch.full_like(seed, state)
+        lane = state
         for word in words:
             lane = _hash32(lane ^ word)
         lanes.append(lane)

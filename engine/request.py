@@ -125,13 +125,11 @@ STEP_INPUTS = (
     StepInput("entropy_bound", "float32", 1.0, lambda s: s.params.entropy_bound),
     StepInput("stability_threshold", "long", 0, lambda s: s.params.stability_threshold),
     StepInput("confidence_threshold", "float32", 0.0, lambda s: s.params.confidence_threshold),
-    StepInput("seed", "long", 0, lambda s: s.seed),
-    StepInput("canvas_index", "long", 0, lambda s: s.num_canvases),
-    StepInput("step", "long", 0, lambda s: s.canvas_steps + 1),
-    StepInput("steps", "long", 0, lambda s: s.params.steps),
+    StepInput("noise_key", "long", 0, lambda s: s.noise_key),  # of (seed, canvas index, step): engine/noise.py
+    StepInput("last_step", "bool", False, lambda s: s.canvas_steps + 1 == s.params.steps),  # the canvas commits
     StepInput("settle_steps", "long", 0, lambda s: s.params.settle_steps if s.settles else 0),  # 0: no settling
     StepInput("settle_entropy", "float32", 0.0, lambda s: s.params.settle_entropy),
-    StepInput("tokens_left", "long", 0, lambda s: s.tokens_left),
+    StepInput("tokens_left", "long", 0, lambda s: min(s.tokens_left, s.canvas_length)),  # in this canvas
     StepInput("stop_token_ids", "long", -1, lambda s: s.params.stop_token_ids, MAX_STOP_TOKEN_IDS),
 )
 

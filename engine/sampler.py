@@ -70,7 +70,7 @@ def fast_step(
     model: DiffusionGemma,
     hidden: torch.Tensor,  # [R, C, H] final-normed decoder output
     inputs: dict[str, torch.Tensor],  # the step's per-row inputs (engine/request.py STEP_INPUTS)
-    noise_key: torch.Tensor,  # [R] int64, noise.step_key(seed, canvas_index, step)
+    noise_key: torch.Tensor,  # [R] int64, noise.step_key(seed, canvas index, step)
     pinned: torch.Tensor,  # [R, C] bool: positions whose input stays fixed
     vocab_chunk: int,
     scaled_proposals: bool,  # some temperature factor is not 0 or 1: proposals need their own exp pass

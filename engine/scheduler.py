@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from engine.kv_cache import KVBudget
 from engine.request import (
@@ -61,12 +61,16 @@ class RowOutput:
 Scorer = Callable[[list[tuple[int, int, list[int], int]]], list[tuple[Logprob, ...]]]
 
 
+def _no_scores(blocks: list[tuple[int, int, list[int], int]]) -> list[tuple[Logprob, ...]]:
+    return []
+
+
 @dataclass(frozen=True, slots=True)
 class StepOutput:
     """What the model runner did with a Batch."""
 
-    rows: list[RowOutput]  # one per Batch.denoise sequence, in order
-    logprobs: Scorer  # scores committed tokens at this step's distribution (rows that ask for logprobs only)
+    rows: list[RowOutput] = field(default_factory=list)  # one per Batch.denoise sequence, in order
+    logprobs: Scorer = _no_scores  # scores committed tokens at this step's distribution (for rows that ask)
     num_encoded: int = 0
     encode_s: float = 0.0
     denoise_s: float = 0.0

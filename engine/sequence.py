@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from engine import noise
 from engine.constraint import Constraint
 from engine.request import CanvasInit, Request, SamplingParams
 
@@ -66,6 +67,11 @@ class Sequence:
         """T = t_min + (t_max - t_min) * n / N, n the steps remaining including the one about to run (spec 6.2)."""
         p = self.params
         return p.t_min + (p.t_max - p.t_min) * (p.steps - self.canvas_steps) / p.steps
+
+    @property
+    def noise_key(self) -> int:
+        """Keys the random numbers of the step about to run (engine/noise.py)."""
+        return noise.step_key(self.seed, self.num_canvases, self.canvas_steps + 1)
 
     def pinned_spans(self) -> tuple[tuple[int, int], ...]:
         """[start, end) spans of the current canvas's pinned positions. The pinned prefix runs through every given

@@ -48,6 +48,9 @@ def test_the_hash_is_exact_integer_math_on_every_device(device):
     expected = [python_step_key(s, c, t) for s, c, t in zip(SEEDS, canvas.tolist(), steps.tolist(), strict=True)]
     assert key.tolist() == expected
     assert all(0 <= k < 2**63 for k in expected)
+    # The engine computes each step's keys on the host, from Python ints: the same keys.
+    host = [noise.step_key(s, c, t) for s, c, t in zip(SEEDS, canvas.tolist(), steps.tolist(), strict=True)]
+    assert host == expected
     words = noise.bits(key, noise.PROPOSAL, 300)
     assert words.tolist() == [python_bits(k, noise.PROPOSAL, 300) for k in expected]
     words = torch.randint(0, 2**32, (10_000,), generator=torch.Generator().manual_seed(0)).to(device)
