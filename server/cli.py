@@ -51,13 +51,13 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     types = typing.get_type_hints(SamplingParams)
     for name in DIFFUSION_OPTIONS:
         flags = (f"--{name.replace('_', '-')}", *_ALIASES.get(name, ()))
-        help = DiffusionOptions.model_fields[name].description
+        text = DiffusionOptions.model_fields[name].description
         # `int | None` -> int; a bool is a switch
         kind = next((t for t in typing.get_args(types[name]) if t is not type(None)), types[name])
         if kind is bool:
-            group.add_argument(*flags, dest=name, action="store_true", help=help)
+            group.add_argument(*flags, dest=name, action="store_true", help=text)
         else:
-            group.add_argument(*flags, dest=name, type=kind, help=help)
+            group.add_argument(*flags, dest=name, type=kind, help=text)
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
