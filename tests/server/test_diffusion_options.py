@@ -10,8 +10,13 @@ import anthropic
 import pytest
 
 from engine.request import DIFFUSION_OPTIONS, SamplingParams
+from server.chat import ChatApi
 from server.cli import _sampling_params, build_parser
-from server.protocol import DiffusionOptions
+from server.completions import CompletionsApi
+from server.messages import MessagesApi
+from server.protocol import ChatCompletionRequest, DiffusionOptions
+from server.responses import ResponsesApi
+from server.serving import ApiFields
 from tests.server.test_cli import dgserve
 from tests.server.test_errors_and_endpoints import assert_openai_error
 
@@ -87,3 +92,20 @@ def test_context_length_keeps_anthropics_error_shape(server):
     error = err.value.body["error"]
     assert error["type"] == "invalid_request_error"
     assert error["message"].startswith("messages: This model's maximum context length is 4096 tokens.")
+
+
+def test_each_api_names_the_engines_fields_by_its_own_parameters():
+    def chat(**fields) -> ApiFields:
+        body = ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}], **fields)
+        return ChatApi(body, "tiny", pieces=None).fields
+
+    cases = [(CompletionsApi.fields, "prompt", "prompt"), (CompletionsApi.fields, "logprobs", "logprobs"),
+             (chat(max_tokens=4), "max_tokens", "max_tokens"), (chat(), "prompt", "messages"),
+             (chat(max_completion_tokens=4), "max_tokens", "max_completion_tokens"),
+             (chat(), "logprobs", "top_logprobs"), (ResponsesApi.fields, "prompt", "input"),
+             (ResponsesApi.fields, "max_tokens", "max_output_tokens"), (MessagesApi.fields, "prompt", "messages"),
+             (MessagesApi.fields, "canvas_init", "diffusion.canvas"),
+             (MessagesApi.fields, "pinned", "diffusion.pinned"),
+             *[(CompletionsApi.fields, name, f"diffusion.{name}") for name in DIFFUSION_OPTIONS]]  # fmt: skip
+    for fields, field, param in cases:
+        assert fields.param(field) == param, (fields, field)
