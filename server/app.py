@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine
-from engine.request import EngineDeadError, SamplingParams
+from engine.request import DIFFUSION_OPTIONS, EngineDeadError, SamplingParams
 from server.chat import chat_job
 from server.completions import completion_job
 from server.errors import ANTHROPIC_PREFIX, OpenAIError, anthropic_body, error_body, install_error_handlers
@@ -202,11 +202,9 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"])  # fmt: skip
 
-    d, settle = engine.info.generation_defaults, SamplingParams()
-    diffusion_defaults = {"steps": d.max_denoising_steps, "entropy_bound": d.entropy_bound, "t_max": d.t_max,
-                          "t_min": d.t_min, "stability_threshold": d.stability_threshold,
-                          "confidence_threshold": d.confidence_threshold, "stream_prefix": config.stream_prefix,
-                          "settle_steps": settle.settle_steps, "settle_entropy": settle.settle_entropy}  # fmt: skip
+    # What a request that leaves the diffusion options unset gets: the checkpoint's values, then SamplingParams'.
+    defaults = SamplingParams(stream_prefix=config.stream_prefix).resolve(engine.info.generation_defaults)
+    diffusion_defaults = {name: getattr(defaults, name) for name in DIFFUSION_OPTIONS}
 
     def model_card() -> dict[str, Any]:
         return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "dgserve",

@@ -12,7 +12,7 @@ from server.completions import CompletionsApi, check_common, sampling
 from server.errors import OpenAIError
 from server.logprobs import TokenPieces, chat_content, entries_of
 from server.protocol import ChatCompletionRequest, InvalidParameter
-from server.serving import Choice, Job, Serving, Update
+from server.serving import ApiFields, Choice, Job, Serving, Update
 from server.structured import GrammarError, check_tools, tool_choice
 
 
@@ -21,10 +21,12 @@ class ChatApi(CompletionsApi):
 
     def __init__(self, body: ChatCompletionRequest, model_name: str, pieces: TokenPieces) -> None:
         super().__init__(body, model_name, pieces)
+        max_tokens = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+        self.fields = ApiFields("messages", max_tokens, "top_logprobs")
         self._started: set[int] = set()  # choices whose role chunk went out
 
     def _logprobs(self, c: Choice, entries: Iterable[Logprob]) -> dict[str, Any] | None:
-        if c.params.logprobs is None:
+        if c.request.params.logprobs is None:
             return None
         return {"content": chat_content(self.pieces, entries), "refusal": None}
 
@@ -76,5 +78,5 @@ def chat_job(serving: Serving, body: ChatCompletionRequest, request_id: str) -> 
     offered = body.tools if tools and body.tool_choice != "none" else None
     ids = serving.chat_prompt_ids(messages, body.enable_thinking, offered)
     return serving.job(request_id, ChatApi(body, serving.model_name, serving.token_pieces), sampling(body), [ids],
-                       body.requested_max_tokens, "messages", stream=body.stream, n=body.n, grammar=grammar,
+                       body.requested_max_tokens, stream=body.stream, n=body.n, grammar=grammar,
                        tool_calls=bool(offered))  # fmt: skip

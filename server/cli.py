@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -19,11 +20,12 @@ from engine.config import EngineConfig
 from engine.device import DeviceUnavailableError, check_device
 from engine.engine import Engine
 from engine.memory import InsufficientMemoryError
-from engine.request import BlockCommitted, CanvasInit, Draft, Finished, SamplingParams
+from engine.request import DIFFUSION_OPTIONS, BlockCommitted, CanvasInit, Draft, Finished, Request, SamplingParams
 from models.hub import DEMO, RANDOM_DEMO, resolve_checkpoint
 from models.quant import QUANTIZATION_CHOICES
 from models.quantized_checkpoint import FORMATS, write_quantized_checkpoint
 from models.random_checkpoint import WRITABLE, write_random_checkpoint
+from server.protocol import DiffusionOptions
 
 logger = logging.getLogger("dgserve")
 
@@ -35,36 +37,37 @@ def _token_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected token ids separated by commas or spaces, got {text!r}") from None
 
 
+_ALIASES = {"stream_drafts": ("--drafts",)}  # older names that keep working
+
+
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """The per-request parameters; unset ones take the checkpoint's generation_config.json."""
+    """The per-request parameters; unset ones take the checkpoint's generation_config.json. Each diffusion option is
+    `--<name>`, typed as its SamplingParams field, with the help of its DiffusionOptions field."""
     group = parser.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
     group.add_argument("--max-tokens", type=int, help="output is cut to exactly this many tokens")
-    group.add_argument("--steps", type=int, help="max denoising steps per canvas")
-    group.add_argument("--entropy-bound", type=float, help="entropy-bound acceptance gamma")
-    group.add_argument("--t-max", type=float, help="temperature of the first denoising step")
-    group.add_argument("--t-min", type=float, help="temperature the schedule falls towards")
-    group.add_argument("--stability-threshold", type=int, help="equal argmax canvases needed to stop early")
-    group.add_argument("--confidence-threshold", type=float, help="mean entropy below which a canvas may stop")
     group.add_argument("--temperature", type=float, default=1.0, help="proposal temperature factor; 0 = argmax")
     group.add_argument("--seed", type=int, help="fix every random draw of the request")
     group.add_argument("--stop-token-ids", type=_token_ids, help="stop ids (default: the checkpoint's eos ids)")
-    group.add_argument("--stream-prefix", action="store_true", help="print each canvas's settled prefix early")
+    types = typing.get_type_hints(SamplingParams)
+    for name in DIFFUSION_OPTIONS:
+        flags = (f"--{name.replace('_', '-')}", *_ALIASES.get(name, ()))
+        text = DiffusionOptions.model_fields[name].description
+        # `int | None` -> int; a bool is a switch
+        kind = next((t for t in typing.get_args(types[name]) if t is not type(None)), types[name])
+        if kind is bool:
+            group.add_argument(*flags, dest=name, action="store_true", help=text)
+        else:
+            group.add_argument(*flags, dest=name, type=kind, help=text)
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    options = {name: value for name in DIFFUSION_OPTIONS if (value := getattr(args, name)) is not None}
     return SamplingParams(
         max_tokens=args.max_tokens,
         stop_token_ids=None if args.stop_token_ids is None else tuple(args.stop_token_ids),
-        steps=args.steps,
-        entropy_bound=args.entropy_bound,
-        t_max=args.t_max,
-        t_min=args.t_min,
-        stability_threshold=args.stability_threshold,
-        confidence_threshold=args.confidence_threshold,
         temperature=args.temperature,
         seed=args.seed,
-        stream_drafts=args.drafts,
-        stream_prefix=args.stream_prefix,
+        **options,
     )
 
 
@@ -123,7 +126,9 @@ def _generate(args: argparse.Namespace) -> None:
     except (DeviceUnavailableError, InsufficientMemoryError) as exc:
         sys.exit(f"dgserve generate: {exc}")
     try:
-        engine.add_request("cli", prompt_ids, _sampling_params(args), canvas=_canvas(args, tokenizer))
+        engine.add_request(
+            Request("cli", tuple(prompt_ids), _sampling_params(args), canvas_init=_canvas(args, tokenizer))
+        )
     except ValueError as exc:
         sys.exit(f"dgserve generate: {exc}")
     started, tokens, finished = time.perf_counter(), [], None
@@ -372,7 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--enable-thinking", action="store_true", help="chat template with the thinking channel on")
     gen.add_argument("--reference", action="store_true", help="exact transformers generate() mode (global RNG)")
     gen.add_argument("--json", action="store_true", help="print one JSON record: token ids, text, usage")
-    gen.add_argument("--drafts", action="store_true", help="show the refining canvas after every step (stderr)")
     gen.add_argument("--device", default="auto", help="auto (CUDA if usable, else a CPU it fits), cuda, cpu")
     gen.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bf16 on CUDA, fp32 on CPU")
     gen.add_argument("--quantization", choices=QUANTIZATION_CHOICES, help="quantize a bf16 checkpoint at load")

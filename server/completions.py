@@ -17,7 +17,7 @@ from server.protocol import (
     SamplingFields,
     UnsupportedParameter,
 )
-from server.serving import Choice, Job, Sampling, Serving, Sse, Update
+from server.serving import ApiFields, Choice, Job, Sampling, Serving, Sse, Update
 from server.structured import GrammarError
 
 logger = logging.getLogger(__name__)
@@ -44,13 +44,14 @@ class CompletionsApi:
     one with the finish reason."""
 
     object, chunk_object = "text_completion", "text_completion"
+    fields = ApiFields("prompt", "max_tokens", "logprobs")
 
     def __init__(self, body: SamplingFields, model_name: str, pieces: TokenPieces) -> None:
         self.options, self.model_name, self.pieces = body.stream_options, model_name, pieces
         self._offsets: dict[int, int] = {}  # per choice: characters its streamed tokens spell (text_offset)
 
     def choice(self, c: Choice) -> dict[str, Any]:
-        logprobs = completion_logprobs(self.pieces, c.logprobs, 0) if c.params.logprobs is not None else None
+        logprobs = completion_logprobs(self.pieces, c.logprobs, 0) if c.request.params.logprobs is not None else None
         return {"index": c.index, "text": "".join(c.content), "logprobs": logprobs, "finish_reason": c.finish_reason}
 
     def chunk_choice(self, c: Choice, update: Update | None) -> dict[str, Any] | None:
@@ -62,7 +63,7 @@ class CompletionsApi:
         if not (update.content or entries):
             return None
         logprobs = None
-        if c.params.logprobs is not None:
+        if c.request.params.logprobs is not None:
             offset = self._offsets.get(c.index, 0)
             logprobs = completion_logprobs(self.pieces, entries, offset)
             self._offsets[c.index] = offset + sum(map(len, logprobs["tokens"]))
@@ -110,12 +111,7 @@ def completion_job(serving: Serving, body: CompletionRequest, request_id: str) -
         if isinstance(prompt, str) and len(prompt) > limit:
             raise OpenAIError(400, f"This model's maximum context length is {serving.max_model_len} tokens; the "
                               "prompt is longer", "context_length_exceeded", "prompt")  # fmt: skip
-        ids = serving.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise OpenAIError(400, "the prompt encodes to no tokens", "invalid_prompt", "prompt")
-        if bad := [t for t in ids if t >= serving.vocab_size]:
-            raise OpenAIError(400, f"token id {bad[0]} is outside the vocabulary", "invalid_prompt", "prompt")
-        prompts.append(ids)
+        prompts.append(serving.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
     try:
         grammar = serving.grammars.response_format(body.response_format) if body.response_format else None
     except (GrammarError, InvalidParameter) as exc:
@@ -124,5 +120,5 @@ def completion_job(serving: Serving, body: CompletionRequest, request_id: str) -
     if body.suffix:
         canvas, max_tokens = serving.infill(body.suffix, max_tokens)
     api = CompletionsApi(body, serving.model_name, serving.token_pieces)
-    return serving.job(request_id, api, sampling(body), prompts, max_tokens,
-                       "prompt", stream=body.stream, n=body.n, split=False, grammar=grammar, canvas=canvas)  # fmt: skip
+    return serving.job(request_id, api, sampling(body), prompts, max_tokens, stream=body.stream, n=body.n,
+                       split=False, grammar=grammar, canvas=canvas)  # fmt: skip

@@ -25,7 +25,7 @@ from server.protocol import (
     InvalidParameter,
     OpenAIModel,
 )
-from server.serving import Choice, Job, Sampling, Serving, Sse, Update
+from server.serving import ApiFields, Choice, Job, Sampling, Serving, Sse, Update
 from server.structured import GrammarError, check_tools, tool_choice
 from server.tools import ToolCall
 
@@ -196,12 +196,14 @@ def messages_job(serving: Serving, body: MessagesRequest) -> Job:
     ids, grammar, offered = prompt(serving, body)
     api = MessagesApi(serving.model_name)
     sampling = Sampling(body.temperature, body.seed, tuple(body.stop_sequences or ()), diffusion=body.diffusion)
-    return serving.job(api.id, api, sampling, [ids], body.max_tokens, "messages", stream=body.stream,
+    return serving.job(api.id, api, sampling, [ids], body.max_tokens, stream=body.stream,
                        grammar=grammar, tool_calls=offered)  # fmt: skip
 
 
 class MessagesApi:
     """One assistant message: thinking, text and tool_use blocks, in the order the model writes them."""
+
+    fields = ApiFields("messages", "max_tokens")
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
@@ -214,7 +216,7 @@ class MessagesApi:
         reason = "stop_sequence" if stop is not None else STOP_REASONS.get(choice.finish_reason or "", "end_turn")
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model_name, "content": content,
                 "stop_reason": reason if done else None, "stop_sequence": stop,
-                "usage": {"input_tokens": len(choice.prompt_ids), "output_tokens": choice.completion_tokens,
+                "usage": {"input_tokens": len(choice.request.prompt_ids), "output_tokens": choice.completion_tokens,
                           "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}  # fmt: skip
 
     @staticmethod

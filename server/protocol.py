@@ -100,26 +100,43 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), Bef
 
 
 class DiffusionOptions(BaseModel):
-    """Per-request diffusion controls, sent as `extra_body={"diffusion": {...}}`; unknown keys are an error."""
+    """Per-request diffusion controls, sent as `extra_body={"diffusion": {...}}`; unknown keys are an error. The
+    options named in engine.request.DIFFUSION_OPTIONS reach SamplingParams by name (None: the default), and the engine
+    checks their ranges; each description is also the `dgserve generate --<name>` help."""
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: Annotated[Int, Field(ge=1, le=1024)] | None = None
-    entropy_bound: Annotated[Float, Field(gt=0, le=1e4)] | None = None
-    t_max: Annotated[Float, Field(gt=0, le=100)] | None = None
-    t_min: Annotated[Float, Field(gt=0, le=100)] | None = None
-    stability_threshold: Annotated[Int, Field(ge=0, le=1024)] | None = None
-    confidence_threshold: Annotated[Float, Field(gt=0, le=1e4)] | None = None
-    # True: each step's canvas as text; "tokens": also per-position token text and state (server/drafts.py)
-    stream_drafts: StrictBool | Literal["tokens"] = False
-    # The first canvas starts from this text or these ids instead of noise (the rest of the canvas is noise) ...
-    canvas: Annotated[str, Field(min_length=1)] | TokenIds | None = None
-    # ... and these [start, end) canvas positions of it stay fixed.
-    pinned: Annotated[list[tuple[Int, Int]], Field(min_length=1, max_length=1024)] | None = None
-    # Stream the canvas's settled leading tokens before it commits; None: the server's default (--stream-prefix).
-    stream_prefix: StrictBool | None = None
-    settle_steps: Annotated[Int, Field(ge=1, le=1024)] | None = None
-    settle_entropy: Annotated[Float, Field(gt=0, le=1e4)] | None = None
+    steps: Int | None = Field(None, description="denoising steps per canvas at most")
+    entropy_bound: Float | None = Field(None, description="gamma of the entropy-bound acceptance rule")
+    t_max: Float | None = Field(None, description="temperature of the schedule's first step")
+    t_min: Float | None = Field(None, description="temperature the schedule falls towards on the last step")
+    stability_threshold: Int | None = Field(
+        None, description="equal argmax canvases needed before a canvas may stop early (0: no check)"
+    )
+    confidence_threshold: Float | None = Field(
+        None, description="mean entropy (nats) below which a canvas may stop early"
+    )
+    stream_drafts: StrictBool | Literal["tokens"] = Field(
+        False,
+        description="stream the argmax canvas after every denoising step (over HTTP, 'tokens' adds each position's "
+        "token text and state)",
+    )
+    canvas: Annotated[str, Field(min_length=1)] | TokenIds | None = Field(
+        None, description="start the first canvas from this text or these ids instead of noise"
+    )
+    pinned: Annotated[list[tuple[Int, Int]], Field(min_length=1, max_length=1024)] | None = Field(
+        None, description="[start, end) positions of the canvas that stay fixed"
+    )
+    # None: the server's default (--stream-prefix)
+    stream_prefix: StrictBool | None = Field(
+        None, description="stream each canvas's settled leading tokens before it commits"
+    )
+    settle_steps: Int | None = Field(
+        None, description="with stream_prefix: steps a leading position's argmax must stay the same to be settled"
+    )
+    settle_entropy: Float | None = Field(
+        None, description="with stream_prefix: entropy (nats) a settling position must stay below"
+    )
 
     @model_validator(mode="after")
     def _pins_need_a_canvas(self) -> DiffusionOptions:

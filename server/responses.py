@@ -23,7 +23,7 @@ from engine.request import MAX_LOGPROBS, Logprob
 from server.errors import OpenAIError
 from server.logprobs import TokenPieces, chat_content, entries_of
 from server.protocol import INT64_MAX, MAX_MESSAGES, DiffusionOptions, Float, Int, InvalidParameter, OpenAIModel
-from server.serving import Choice, Job, Sampling, Serving, Sse, Update
+from server.serving import ApiFields, Choice, Job, Sampling, Serving, Sse, Update
 from server.structured import GrammarError, check_tools, tool_choice
 from server.tools import ToolCall, json_arguments
 
@@ -135,6 +135,8 @@ class ResponseStore:
 class ResponsesApi:
     """One response: its output items, built from the choice's updates, and OpenAI's stream event grammar."""
 
+    fields = ApiFields("input", "max_output_tokens", "top_logprobs")
+
     def __init__(self, body: ResponsesRequest, model_name: str, store: ResponseStore,
                  messages: list[dict[str, Any]], text_format: dict[str, Any], pieces: TokenPieces) -> None:  # fmt: skip
         self.request, self.model_name, self.store, self.pieces = body, model_name, store, pieces
@@ -169,7 +171,7 @@ class ResponsesApi:
 
     @staticmethod
     def _usage(job: Job, choice: Choice) -> dict[str, Any]:
-        prompt, output = len(choice.prompt_ids), choice.completion_tokens
+        prompt, output = len(choice.request.prompt_ids), choice.completion_tokens
         return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": output,
                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + output}  # fmt: skip
 
@@ -402,5 +404,5 @@ def responses_job(serving: Serving, store: ResponseStore, body: ResponsesRequest
     ids = serving.chat_prompt_ids([*system, *messages], False, offered, "input")
     api = ResponsesApi(body, serving.model_name, store, messages, echoed, serving.token_pieces)
     sampling = Sampling(body.temperature, body.seed, diffusion=body.diffusion, logprobs=body.num_logprobs)
-    return serving.job(api.id, api, sampling, [ids], body.max_output_tokens, "input", stream=body.stream,
+    return serving.job(api.id, api, sampling, [ids], body.max_output_tokens, stream=body.stream,
                        grammar=grammar, tool_calls=bool(offered))  # fmt: skip

@@ -2,8 +2,9 @@
 metrics and SSE plumbing. The APIs are translators (server/chat.py, completions.py, responses.py, messages.py): each
 parses its request into a `Job` through `Serving.job`, and turns the job's `Update`s into its bodies and events.
 
-validate -> prompt ids and SamplingParams per choice -> admit every choice (errors become real status codes before
-any 200) -> stream the translator's events per committed block, or collect. A client that goes away aborts its jobs.
+parse -> one engine Request per choice -> admit every choice (the engine validates; its errors become real status
+codes naming the API's parameter, before any 200) -> stream the translator's events per committed block, or collect.
+A client that goes away aborts its jobs.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from engine.async_engine import AsyncEngine, RequestStream
-from engine.constraint import Constraint
 from engine.request import (
+    DIFFUSION_OPTIONS,
     BlockCommitted,
     CanvasInit,
     ContextLengthError,
@@ -64,17 +65,31 @@ class Sampling:
     logprobs: int | None = None  # alternatives per token; None: no logprobs
 
 
+@dataclass(frozen=True, slots=True)
+class ApiFields:
+    """One API's names for the request fields that the engine's errors name (InvalidRequestError.field): the one
+    place engine field names become HTTP parameters."""
+
+    prompt: str  # messages, prompt or input
+    max_tokens: str  # max_tokens, max_completion_tokens or max_output_tokens
+    logprobs: str | None = None  # logprobs or top_logprobs; None where the API has none
+
+    def param(self, field: str | None) -> str | None:
+        if field in DIFFUSION_OPTIONS:
+            return f"diffusion.{field}"
+        names = {"prompt": self.prompt, "max_tokens": self.max_tokens, "logprobs": self.logprobs,
+                 "canvas_init": "diffusion.canvas", "pinned": "diffusion.pinned", "temperature": "temperature",
+                 "seed": "seed"}  # fmt: skip
+        return names.get(field or "")
+
+
 @dataclass(slots=True)
 class Choice:
-    """One (prompt, sample) pair: its engine job and the text it has produced."""
+    """One (prompt, sample) pair: its engine request and the text it has produced."""
 
     index: int
-    engine_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
+    request: EngineRequest
     text: OutputText
-    constraint: Constraint | None = None
-    canvas: CanvasInit | None = None
     content: list[str] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
@@ -96,7 +111,10 @@ class Update:
 
 
 class Translator(Protocol):
-    """One API's side of a job: its response body, and its stream events around the core's updates."""
+    """One API's side of a job: its names for the engine's fields, its response body, and its stream events around
+    the core's updates."""
+
+    fields: ApiFields
 
     def body(self, job: Job) -> dict[str, Any]: ...
     def opening(self, job: Job) -> Iterable[Sse]: ...
@@ -122,7 +140,7 @@ class Job:
 
     @property
     def prompt_tokens(self) -> int:
-        return sum(len(c.prompt_ids) for c in self.choices if c.index % self.n == 0)  # each prompt once
+        return sum(len(c.request.prompt_ids) for c in self.choices if c.index % self.n == 0)  # each prompt once
 
     @property
     def completion_tokens(self) -> int:
@@ -165,7 +183,6 @@ class Serving:
         sampling: Sampling,
         prompts: list[list[int]],
         max_tokens: int | None,
-        param: str,
         *,
         stream: bool,
         n: int = 1,
@@ -174,25 +191,19 @@ class Serving:
         tool_calls: bool = False,
         canvas: CanvasInit | None = None,
     ) -> Job:
-        """The one internal job: `n` choices per prompt, each with its sampling params, grammar walk and canvas.
-        `param` names the prompt's request field; `split`: the output has Gemma's thought channel and tool calls."""
+        """The one internal job: `n` choices per prompt, each one engine Request (sampling params, grammar walk and
+        canvas), checked by the engine at admission. `split`: the output has Gemma's thought channel and tool calls."""
         canvas = canvas or self.warm_start(sampling.diffusion)
         choices = []
         for p, ids in enumerate(prompts):
             budget = max_tokens or max(1, min(self.default_max_tokens, self.max_model_len - len(ids)))
-            if len(ids) + budget > self.max_model_len:
-                raise OpenAIError(
-                    400,
-                    f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                    f"{budget} output tokens and your prompt contains {len(ids)} tokens.",
-                    "context_length_exceeded",
-                    param,
-                )
             for sample in range(n):
+                index = p * n + sample
                 params = self._sampling_params(sampling, budget, sample)
-                text = OutputText(self.tokenizer, sampling.stop, split_reasoning=split, tool_calls=tool_calls)
                 constraint = None if grammar is None else self.grammars.constraint(grammar, budget)
-                choices.append(Choice(p * n + sample, "", ids, params, text, constraint, canvas))
+                request = EngineRequest(f"{request_id}-{index}", tuple(ids), params, constraint, canvas)
+                text = OutputText(self.tokenizer, sampling.stop, split_reasoning=split, tool_calls=tool_calls)
+                choices.append(Choice(index, request, text))
         token_drafts = bool(sampling.diffusion and sampling.diffusion.stream_drafts == "tokens")
         return Job(request_id, api, choices, stream, n, token_drafts)
 
@@ -226,23 +237,18 @@ class Serving:
             raise OpenAIError(400, f"cannot apply the chat template: {exc}", "invalid_messages", param) from None
 
     def _sampling_params(self, s: Sampling, max_tokens: int, sample: int) -> SamplingParams:
+        """The diffusion options pass by name, unset ones (None) left to SamplingParams' defaults."""
         d = s.diffusion
-        settle = {name: getattr(d, name) for name in ("settle_steps", "settle_entropy") if d and getattr(d, name)}
+        options = {name: value for name in DIFFUSION_OPTIONS if d and (value := getattr(d, name)) is not None}
+        options["stream_drafts"] = bool(options.get("stream_drafts"))  # "tokens" too: the server adds the token text
+        options.setdefault("stream_prefix", self.stream_prefix)
         return SamplingParams(
             max_tokens=max_tokens,
             stop_token_ids=() if s.ignore_eos else None,
-            steps=d and d.steps,
-            entropy_bound=d and d.entropy_bound,
-            t_max=d and d.t_max,
-            t_min=d and d.t_min,
-            stability_threshold=d and d.stability_threshold,
-            confidence_threshold=d and d.confidence_threshold,
             temperature=1.0 if s.temperature is None else s.temperature,
             seed=None if s.seed is None else (s.seed + sample) % 2**63,  # n samples must differ
-            stream_drafts=bool(d and d.stream_drafts),
-            stream_prefix=self.stream_prefix if d is None or d.stream_prefix is None else d.stream_prefix,
             logprobs=s.logprobs,
-            **settle,
+            **options,
         )
 
     # --- admission ----------------------------------------------------------------------------------------------------
@@ -259,15 +265,11 @@ class Serving:
         streams: list[RequestStream] = []
         try:
             for choice in job.choices:
-                choice.engine_id = f"{job.request_id}-{choice.index}"
-                request = EngineRequest(
-                    choice.engine_id, tuple(choice.prompt_ids), choice.params, choice.constraint, choice.canvas
-                )
-                streams.append(await self.engine.add_request(request))
+                streams.append(await self.engine.add_request(choice.request))
         except (InvalidRequestError, QueueFullError, EngineDeadError) as exc:
             for stream in streams:
                 self.engine.abort(stream.request_id)
-            raise _admission_error(exc) from None
+            raise _admission_error(exc, job.api.fields) from None
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
         return streams
 
@@ -395,19 +397,16 @@ class Serving:
             await events.aclose()
 
 
-# The engine's field names (engine/request.py) that are not diffusion options under the same name.
-_PARAMS = {"canvas_init": "diffusion.canvas", "temperature": "temperature", "seed": "seed", "max_tokens": "max_tokens",
-           "logprobs": "top_logprobs", "stop_token_ids": None}  # fmt: skip
-
-
-def _admission_error(exc: InvalidRequestError | QueueFullError | EngineDeadError) -> OpenAIError:
+def _admission_error(exc: InvalidRequestError | QueueFullError | EngineDeadError, fields: ApiFields) -> OpenAIError:
     if isinstance(exc, QueueFullError):
         return OpenAIError(429, "the server is busy; retry shortly", "server_busy", retry_after=1)
     if isinstance(exc, EngineDeadError):
         return OpenAIError(503, "the engine is not running", "engine_unavailable", retry_after=5)
-    code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else "invalid_request"
-    param = None if exc.field in (None, "prompt") else _PARAMS.get(exc.field, f"diffusion.{exc.field}")
-    return OpenAIError(400, str(exc), code, param)
+    if isinstance(exc, ContextLengthError):
+        code = "context_length_exceeded"
+    else:
+        code = "invalid_prompt" if exc.field == "prompt" else "invalid_request"
+    return OpenAIError(400, str(exc), code, fields.param(exc.field))
 
 
 class _EventBuffer:
