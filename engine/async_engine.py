@@ -25,10 +25,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class _Add:
-    request: Request
+class _Listener:
     events: asyncio.Queue[EngineEvent]
     loop: asyncio.AbstractEventLoop
+
+
+@dataclass(slots=True)
+class _Add:
+    requests: list[Request]
+    listeners: list[_Listener]
     accepted: Future[None]
 
 
@@ -57,7 +62,7 @@ class AsyncEngine:
         """Load the model on the engine thread and wait for it; a load error is raised here."""
         self._on_step = on_step
         self._commands: queue.SimpleQueue[_Add | str | None] = queue.SimpleQueue()  # add, abort id, or stop
-        self._streams: dict[str, _Add] = {}
+        self._streams: dict[str, _Listener] = {}
         self._error: BaseException | None = None
         self._stopping = threading.Event()
         self.engine: Engine  # set by the thread before `loaded` resolves
@@ -69,11 +74,17 @@ class AsyncEngine:
     async def add_request(self, request: Request) -> RequestStream:
         """Submit a request; raises InvalidRequestError (bad input) or QueueFullError before any event is
         produced."""
+        return (await self.add_requests([request]))[0]
+
+    async def add_requests(self, requests: list[Request]) -> list[RequestStream]:
+        """Submit requests together (the choices of one API request): all are queued, or, if one is refused, none
+        (Engine.add_requests)."""
         self.check_health()
-        command = _Add(request, asyncio.Queue(), asyncio.get_running_loop(), Future())
+        loop = asyncio.get_running_loop()
+        command = _Add(requests, [_Listener(asyncio.Queue(), loop) for _ in requests], Future())
         self._commands.put(command)
         await asyncio.wrap_future(command.accepted)
-        return RequestStream(self, request.request_id, command.events)
+        return [RequestStream(self, r.request_id, x.events) for r, x in zip(requests, command.listeners, strict=True)]
 
     def abort(self, request_id: str) -> None:
         self._commands.put(request_id)
@@ -131,11 +142,12 @@ class AsyncEngine:
 
     def _add(self, command: _Add) -> None:
         try:
-            self.engine.add_request(command.request)
+            self.engine.add_requests(command.requests)
         except Exception as exc:  # ValueError or QueueFullError, handed to the caller's await
             command.accepted.set_exception(exc)
             return
-        self._streams[command.request.request_id] = command
+        for request, listener in zip(command.requests, command.listeners, strict=True):
+            self._streams[request.request_id] = listener
         command.accepted.set_result(None)
 
     def _step(self) -> None:
@@ -152,13 +164,13 @@ class AsyncEngine:
             self._on_step(stats)
 
     def _deliver(self, event: EngineEvent) -> None:
-        command = self._streams.get(event.request_id)
-        if command is None:
+        listener = self._streams.get(event.request_id)
+        if listener is None:
             return
         if isinstance(event, Finished | Failed):
             del self._streams[event.request_id]
         try:
-            command.loop.call_soon_threadsafe(command.events.put_nowait, event)
+            listener.loop.call_soon_threadsafe(listener.events.put_nowait, event)
         except RuntimeError:  # the caller's event loop is closed: nobody is listening
             self._streams.pop(event.request_id, None)
 

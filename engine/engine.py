@@ -116,8 +116,13 @@ class Engine:
     def add_request(self, request: Request) -> None:
         """Check and queue a request. Raises InvalidRequestError naming the field at fault (ContextLengthError: it can
         never fit), QueueFullError when the waiting queue is full."""
-        params = request.validate(self.info)
-        self.scheduler.add(request, params, self.info.kv_pages_for(len(request.prompt_ids), params.max_tokens))
+        self.add_requests([request])
+
+    def add_requests(self, requests: list[Request]) -> None:
+        """Check and queue requests together (the choices of one API request): all of them, or, when one is refused,
+        none."""
+        checked = [(request, request.validate(self.info)) for request in requests]
+        self.scheduler.add([(r, p, self.info.kv_pages_for(len(r.prompt_ids), p.max_tokens)) for r, p in checked])
 
     def abort(self, request_id: str) -> None:
         """Stop a request; it leaves the batch before the next iteration and its memory is reused."""

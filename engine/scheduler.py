@@ -94,14 +94,16 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
-    def add(self, request: Request, params: SamplingParams, num_pages: int) -> None:
-        """Queue a validated request charged `num_pages` KV pages; raises QueueFullError if the queue is full."""
+    def add(self, requests: list[tuple[Request, SamplingParams, int]]) -> None:
+        """Queue validated requests, each with its resolved parameters and the KV pages it is charged; raises
+        QueueFullError, queueing none, if they do not all fit the queue."""
         free_slots = max(0, self.max_num_seqs - len(self.running))  # these admit at the next iteration
-        if len(self.waiting) >= self.max_waiting + free_slots:
+        if len(self.waiting) + len(requests) > self.max_waiting + free_slots:
             raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
-        # temperature 0 is deterministic: a fixed seed also fixes the renoising draws.
-        seed = params.seed if params.seed is not None else 0 if params.temperature == 0 else secrets.randbits(63)
-        self.waiting.append(Sequence(request, params, seed, num_pages, self.canvas_length))
+        for request, params, num_pages in requests:
+            # temperature 0 is deterministic: a fixed seed also fixes the renoising draws.
+            seed = params.seed if params.seed is not None else 0 if params.temperature == 0 else secrets.randbits(63)
+            self.waiting.append(Sequence(request, params, seed, num_pages, self.canvas_length))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -261,14 +261,10 @@ class Serving:
         return await self.collect(job, streams, request)
 
     async def admit(self, job: Job) -> list[RequestStream]:
-        """Submit every choice; on any refusal abort the ones already in and raise the matching HTTP error."""
-        streams: list[RequestStream] = []
+        """Submit every choice, all or (on any refusal, with the matching HTTP error) none."""
         try:
-            for choice in job.choices:
-                streams.append(await self.engine.add_request(choice.request))
+            streams = await self.engine.add_requests([choice.request for choice in job.choices])
         except (InvalidRequestError, QueueFullError, EngineDeadError) as exc:
-            for stream in streams:
-                self.engine.abort(stream.request_id)
             raise _admission_error(exc, job.api.fields) from None
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
         return streams
