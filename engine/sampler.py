@@ -76,7 +76,7 @@ def fast_step(
     scaled_proposals: bool,  # some temperature factor is not 0 or 1: proposals need their own exp pass
 ) -> StepResult:
     """Proposals at the schedule temperature times the row's `temperature` factor (0 proposes the argmax)."""
-    proposal_factor, entropy_bound = inputs["temperature"], inputs["entropy_bound"]
+    factor, entropy_bound = inputs["temperature"], inputs["entropy_bound"]  # factor: the request's temperature
     weight = model.embed_tokens.weight  # [V, H]
     vocab = weight.shape[0]
     rows, length, width = hidden.shape
@@ -88,7 +88,7 @@ def fast_step(
 
     inv_t = per_position(1 / inputs["schedule_temperature"])
     # A factor-0 row samples at factor 1, which keeps it finite; its proposal is the argmax.
-    inv_f = per_position(1 / torch.where(proposal_factor == 0, 1, proposal_factor))
+    inv_f = per_position(1 / torch.where(factor == 0, 1, factor))
     u_chunk, u_block, u_token = uniform(noise_key, PROPOSAL, (length, 3)).view(n, 3).split(1, -1)
     position = torch.arange(n, device=hidden.device)[:, None]  # [N, 1]
     # Per position [N, 1]. zt below is the shifted zt = (softcap(z) + cap) / T >= 0: the same softmax, entropy and
@@ -143,7 +143,7 @@ def fast_step(
     chunk_cdf = torch.cumsum(torch.cat(masses, -1) * torch.exp((torch.cat(maxima, -1) - running_max) * inv_f), -1)
     chunk = _search(chunk_cdf, u_chunk)
     sampled = torch.cat(candidates, -1).gather(1, chunk) + chunk * vocab_chunk
-    proposal = torch.where((proposal_factor == 0)[:, None], best_id, sampled.view(rows, length))
+    proposal = torch.where((factor == 0)[:, None], best_id, sampled.view(rows, length))
     renoise = random_ids(noise_key, RENOISE, length, vocab)
     next_canvas = torch.where(accept, proposal, renoise)
     soft_embeds = (soft / sum_exp).view(rows, length, width).to(weight.dtype)
