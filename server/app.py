@@ -38,9 +38,11 @@ from server.text import Tokenizer
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-OPEN_PATHS = {"/health", "/ready", "/metrics"}  # everything else needs the key when one is set (fail closed)
+# Everything else needs the key when one is set (fail closed). Routers poll these without one.
+OPEN_PATHS = {"/health", "/ready", "/metrics", "/get_load"}
 KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages",
-               "/v1/messages/count_tokens", "/health", "/ready", "/metrics", "/version", "/tokenize", "/detokenize",
+               "/v1/messages/count_tokens", "/v1/completions/render", "/v1/chat/completions/render", "/health",
+               "/ready", "/metrics", "/get_load", "/version", "/tokenize", "/detokenize",
                "/tokenizer_info"}  # fmt: skip
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -232,6 +234,17 @@ def create_app(
         job = await asyncio.to_thread(chat_job, serving, body, f"chatcmpl-{request.state.request_id}")
         return await run(job, request)
 
+    # vLLM's render endpoints: what a router that routes by prompt tokens asks each replica before it picks one.
+    @app.post("/v1/completions/render")
+    async def render_completions(body: CompletionRequest, request: Request) -> list[dict[str, Any]]:
+        job = await asyncio.to_thread(completion_job, serving, body, f"cmpl-{request.state.request_id}")
+        return serving.render(job)
+
+    @app.post("/v1/chat/completions/render")
+    async def render_chat(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
+        job = await asyncio.to_thread(chat_job, serving, body, f"chatcmpl-{request.state.request_id}")
+        return serving.render(job)[0]
+
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         job = await asyncio.to_thread(responses_job, serving, store, body)
@@ -289,6 +302,11 @@ def create_app(
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/get_load")
+    async def get_load() -> dict[str, int]:
+        """What vllm-router's power_of_two policy polls: the requests queued or running here (each choice one)."""
+        return {"load": engine.num_in_flight}
 
     @app.get("/version")
     async def version() -> dict[str, Any]:
