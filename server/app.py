@@ -276,7 +276,7 @@ def create_app(
         return {"input_tokens": len(ids)}
 
     async def run(job: Job, request: Request) -> Response:
-        if not state.ready:
+        if not state.accepting:
             message = "the server is shutting down" if state.draining else "the server is not ready"
             raise OpenAIError(503, message, "not_ready", retry_after=5)
         return await serving.respond(job, request)
@@ -287,6 +287,8 @@ def create_app(
             engine.check_health()
         except EngineDeadError:
             return JSONResponse(error_body(503, "the engine is not running", "engine_dead"), status_code=503)
+        if state.stopping:  # routers that check /health take this replica out before it stops accepting
+            return JSONResponse(error_body(503, "the server is shutting down", "shutting_down"), status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
