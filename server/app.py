@@ -1,5 +1,6 @@
 """The FastAPI app: thin routes over `Serving`, plus the guard every request passes (request id, auth, body size,
-request metrics) and the health, readiness, metrics and tokenizer endpoints."""
+request metrics) and the health, readiness, metrics and tokenizer endpoints, and what routers ask a replica (render,
+load)."""
 
 from __future__ import annotations
 
