@@ -23,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
+FLEET = ROOT / "docker-compose.fleet.yml"  # tools/fleet_compose.py's output for GPUs 0-7
 README = ROOT / "README.md"
 
 # Variables the image or compose file set for a library rather than for dgserve, with their reader.
@@ -134,11 +135,32 @@ def interpolate(value, env: dict[str, str]):
     return _INTERPOLATION.sub(substitute, value.replace("$$", "\0")).replace("\0", "$")
 
 
-def load_compose(env: dict[str, str] | None = None) -> dict:
-    """The compose file as compose sees it: YAML (anchors and merge keys resolved), then interpolated."""
+def load_compose(env: dict[str, str] | None = None, text: str | None = None) -> dict:
+    """A compose file (docker-compose.yml unless `text` is given) as compose sees it: YAML (anchors and merge keys
+    resolved), then interpolated."""
     import yaml
 
-    return interpolate(yaml.safe_load(COMPOSE.read_text()), env or {})
+    return interpolate(yaml.safe_load(COMPOSE.read_text() if text is None else text), env or {})
+
+
+def fleet_router_flags() -> list[str]:
+    """The router's flags in docker-compose.fleet.yml, less where it listens and the replicas' URLs."""
+    command = load_compose(text=FLEET.read_text())["services"]["router"]["command"]
+    flags, skipping = [], False
+    for word in command:
+        if word.startswith("--"):
+            skipping = word in ("--host", "--port", "--worker-urls")
+        if not skipping:
+            flags.append(word)
+    return flags
+
+
+def fleet_replica_env() -> dict[str, str]:
+    """The settings docker-compose.fleet.yml gives every replica (those with a value; not where it listens)."""
+    env = load_compose(text=FLEET.read_text())["services"]["dgserve-gpu0"]["environment"]
+    return {
+        k: v for k, v in env.items() if v is not None and k not in ("DGSERVE_MODEL", "DGSERVE_HOST", "DGSERVE_PORT")
+    }
 
 
 def interpolated_names() -> set[str]:
