@@ -116,7 +116,8 @@ SERVICE = """\
     <<: *replica
     environment:
       <<: *environment
-      DGSERVE_ALLOWED_HOSTS: dgserve-gpu{gpu}  # the Host the router sends; anything else still gets 403
+      # The Host the router sends, and the names clients use when nginx (deploy/nginx.conf) forwards theirs.
+      DGSERVE_ALLOWED_HOSTS: "dgserve-gpu{gpu},${{DGSERVE_ALLOWED_HOSTS:-}}"
     deploy:
       resources:
         reservations:
