@@ -1,5 +1,6 @@
 """The FastAPI app: thin routes over `Serving`, plus the guard every request passes (request id, auth, body size,
-request metrics) and the health, readiness, metrics and tokenizer endpoints."""
+request metrics) and the health, readiness, metrics and tokenizer endpoints, and what routers ask a replica (render,
+load)."""
 
 from __future__ import annotations
 
@@ -38,9 +39,11 @@ from server.text import Tokenizer
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-OPEN_PATHS = {"/health", "/ready", "/metrics"}  # everything else needs the key when one is set (fail closed)
+# Everything else needs the key when one is set (fail closed). Routers poll these without one.
+OPEN_PATHS = {"/health", "/ready", "/metrics", "/get_load"}
 KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages",
-               "/v1/messages/count_tokens", "/health", "/ready", "/metrics", "/version", "/tokenize", "/detokenize",
+               "/v1/messages/count_tokens", "/v1/completions/render", "/v1/chat/completions/render", "/health",
+               "/ready", "/metrics", "/get_load", "/version", "/tokenize", "/detokenize",
                "/tokenizer_info"}  # fmt: skip
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -232,6 +235,17 @@ def create_app(
         job = await asyncio.to_thread(chat_job, serving, body, f"chatcmpl-{request.state.request_id}")
         return await run(job, request)
 
+    # vLLM's render endpoints: what a router that routes by prompt tokens asks each replica before it picks one.
+    @app.post("/v1/completions/render")
+    async def render_completions(body: CompletionRequest, request: Request) -> list[dict[str, Any]]:
+        job = await asyncio.to_thread(completion_job, serving, body, f"cmpl-{request.state.request_id}")
+        return serving.render(job)
+
+    @app.post("/v1/chat/completions/render")
+    async def render_chat(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
+        job = await asyncio.to_thread(chat_job, serving, body, f"chatcmpl-{request.state.request_id}")
+        return serving.render(job)[0]
+
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         job = await asyncio.to_thread(responses_job, serving, store, body)
@@ -263,7 +277,7 @@ def create_app(
         return {"input_tokens": len(ids)}
 
     async def run(job: Job, request: Request) -> Response:
-        if not state.ready:
+        if not state.accepting:
             message = "the server is shutting down" if state.draining else "the server is not ready"
             raise OpenAIError(503, message, "not_ready", retry_after=5)
         return await serving.respond(job, request)
@@ -274,6 +288,8 @@ def create_app(
             engine.check_health()
         except EngineDeadError:
             return JSONResponse(error_body(503, "the engine is not running", "engine_dead"), status_code=503)
+        if state.stopping:  # routers that check /health take this replica out before it stops accepting
+            return JSONResponse(error_body(503, "the server is shutting down", "shutting_down"), status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
@@ -289,6 +305,11 @@ def create_app(
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/get_load")
+    async def get_load() -> dict[str, int]:
+        """What vllm-router's power_of_two policy polls: the requests queued or running here (each choice one)."""
+        return {"load": engine.num_in_flight}
 
     @app.get("/version")
     async def version() -> dict[str, Any]:

@@ -221,7 +221,7 @@ def _serve(args: argparse.Namespace) -> None:
     # ws="none": no WebSocket routes, and an upgrade would take the connection out of the guard's hands.
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5,
                                     http=ConnectionGuard(limits, metrics).protocol, ws="none")  # fmt: skip
-    server = DrainingServer(uvicorn_config, state, engine, args.drain_timeout, args.url_file)
+    server = DrainingServer(uvicorn_config, state, engine, args.drain_timeout, args.drain_announce, args.url_file)
     server.run()
     # Exit without the interpreter's final collection of millions of objects (the tokenizer's, the model's): it took
     # 1-3.5 s, which a stop grace (Docker's: 10 s) must not spend after the drain. Not started: the port was taken.
@@ -305,7 +305,10 @@ SERVE_FLAGS = (
     Flag("max-capture-len", 8192, int, fills="engine",
          help="CUDA graphs cover contexts up to this many tokens; longer ones run the compiled step uncaptured"),
     Flag("drain-timeout", 30.0, float,
-         help="on SIGTERM, seconds in-flight requests get to finish before they are failed"),
+         help="on SIGTERM, seconds (counted from the signal) in-flight requests get to finish before they are failed"),
+    Flag("drain-announce", 5.0, float,
+         help="on SIGTERM, seconds during which /health and /ready answer 503 while new requests are still served, "
+         "so that routers stop sending first (part of --drain-timeout; 0: refuse new requests at once)"),
     Flag("url-file", help="once listening, write the server's local URL (http://127.0.0.1:PORT) to this file (the "
          "image's health check reads it)"),
     Flag("header-timeout", 5.0, float, fills="limits", group=_LIMITS,

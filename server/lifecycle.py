@@ -1,11 +1,14 @@
-"""Readiness and graceful shutdown: on SIGTERM/SIGINT, /ready turns 503 and new requests are refused at once, the
-requests in flight get up to the drain timeout to finish, what is left then ends with an error, and the process
-exits. A second signal exits at once."""
+"""Readiness and graceful shutdown. On SIGTERM, /health and /ready turn 503 at once, so that routers and load
+balancers stop sending here, while new requests are still served for the drain announce; then new requests are
+refused, what is in flight gets until the drain timeout (counted from the signal) to finish, what is left then ends
+with an error, and the process exits. SIGINT (Ctrl-C at a terminal) skips the announce. A second signal exits at
+once."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import time
 from pathlib import Path
@@ -18,14 +21,19 @@ logger = logging.getLogger(__name__)
 
 
 class ServerState:
-    """What /ready and the request handlers consult."""
+    """What /health, /ready and the request handlers consult."""
 
     def __init__(self) -> None:
         self.started = False
-        self.draining = False
+        self.stopping = False  # a signal came: /health and /ready answer 503
+        self.draining = False  # the announce is over: new requests are refused
 
     @property
     def ready(self) -> bool:
+        return self.started and not self.stopping
+
+    @property
+    def accepting(self) -> bool:
         return self.started and not self.draining
 
 
@@ -37,9 +45,10 @@ def local_url(host: str, port: int) -> str:
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState, engine: AsyncEngine, drain_timeout: float,
-                 url_file: str | None = None) -> None:  # fmt: skip
+                 drain_announce: float = 0.0, url_file: str | None = None) -> None:  # fmt: skip
         super().__init__(config)
-        self.state, self.engine, self.drain_timeout, self.url_file = state, engine, drain_timeout, url_file
+        self.state, self.engine, self.url_file = state, engine, url_file
+        self.drain_timeout, self.drain_announce = drain_timeout, drain_announce
 
     def _log_started_message(self, listeners: list[socket.socket]) -> None:
         """Silent: dgserve's own line names a URL to open, where uvicorn's names the bind address (0.0.0.0)."""
@@ -52,16 +61,21 @@ class DrainingServer(uvicorn.Server):
             Path(self.url_file).write_text(local_url(self.config.host, port) + "\n")
 
     def handle_exit(self, sig: int, frame: object) -> None:
-        if self.state.draining or not self.state.started:
+        if self.state.stopping or not self.state.started:
             return super().handle_exit(sig, frame)
-        self.state.draining = True
-        logger.info("shutting down: draining %d request(s) for up to %.0f s", self.engine.num_in_flight,
-                    self.drain_timeout)  # fmt: skip
-        loop = asyncio.get_running_loop()  # a signal handler runs on the loop's thread, between its callbacks
-        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
-
-    async def _drain(self) -> None:
+        self.state.stopping = True
+        # The deadline counts from the signal, so a stop grace that covers the drain timeout covers the announce too.
         deadline = time.monotonic() + self.drain_timeout
+        announce = min(self.drain_announce, self.drain_timeout) if sig == signal.SIGTERM else 0.0
+        logger.info("shutting down: /health and /ready answer 503; new requests are served for %.0f s more, and "
+                    "requests in flight get up to %.0f s in all", announce, self.drain_timeout)  # fmt: skip
+        loop = asyncio.get_running_loop()  # a signal handler runs on the loop's thread, between its callbacks
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain(announce, deadline)))
+
+    async def _drain(self, announce: float, deadline: float) -> None:
+        await asyncio.sleep(announce)
+        self.state.draining = True
+        logger.info("draining %d request(s); new requests get 503", self.engine.num_in_flight)
         while self.engine.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.engine.num_in_flight:

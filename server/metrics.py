@@ -1,13 +1,17 @@
 """Prometheus metrics (the only prometheus_client import): requests, tokens, latencies, engine steps, memory,
-connections."""
+connections; and vLLM's metric contract (the `vllm:` names routers and llm-d read), README "Metrics"."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from engine.request import EngineInfo, StepStats
 
@@ -18,6 +22,25 @@ _TPF = (0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 # What server/connections.py closes (or refuses) a connection for.
 CONNECTION_LIMITS = ("header_timeout", "body_timeout", "keep_alive_timeout", "send_timeout", "max_connections",
                      "max_connections_per_client")  # fmt: skip
+# vLLM's finished_reason values that mean a request was served (request_success_total).
+FINISHED_REASONS = ("stop", "length")
+
+
+class VllmNames(Collector):
+    """Each metric under its vLLM names too, labelled model_name and engine as vLLM's are: a second view of the same
+    collector at scrape time, so every observation is made once and both names always agree."""
+
+    def __init__(self, names: dict[str, MetricWrapperBase], labels: dict[str, str]) -> None:
+        self.names, self.labels = names, labels  # vLLM's name -> the metric observed
+
+    def collect(self) -> Iterator[Metric]:
+        for name, source in self.names.items():
+            for family in source.collect():
+                metric = Metric(name, family.documentation, family.type)
+                metric.samples = [sample._replace(name=name + sample.name[len(family.name):],
+                                                  labels=self.labels | sample.labels)
+                                  for sample in family.samples]  # fmt: skip
+                yield metric
 
 
 class Metrics:
@@ -82,14 +105,44 @@ class Metrics:
         )  # fmt: skip
         info = Gauge("dgserve_model_info", "The served model", ["model_name"], registry=registry)
         info.labels(model_name=model_name).set(1)
+        # vLLM's metric contract (README "Metrics"): what dgserve measures as vLLM does is exported again under vLLM's
+        # name by VllmNames; what only vLLM names is measured under that name alone.
+        self._vllm = {"model_name": model_name, "engine": "0"}  # vLLM labels each engine core; dgserve has one
+        labels = list(self._vllm)
+        # Not registered: exported only under its two vLLM names.
+        self.kv_usage = Gauge("kv_cache_usage_perc", "KV-cache usage: the fraction of KV pages in use (1 = full)",
+                              registry=None)  # fmt: skip
+        self.request_success = Counter(
+            "vllm:request_success", "Choices served to their end, by finish reason", [*labels, "finished_reason"],
+            registry=registry,
+        )  # fmt: skip
+        for reason in FINISHED_REASONS:
+            self.request_success.labels(**self._vllm, finished_reason=reason)
+        self._cache_config = Gauge(
+            "vllm:cache_config_info", "The KV cache's shape: block_size tokens per page, num_gpu_blocks pages",
+            [*labels, "block_size", "num_gpu_blocks"], registry=registry,
+        )  # fmt: skip
+        registry.register(VllmNames({
+            "vllm:num_requests_running": self.running,
+            "vllm:num_requests_waiting": self.waiting,
+            "vllm:kv_cache_usage_perc": self.kv_usage,
+            "vllm:gpu_cache_usage_perc": self.kv_usage,  # the older name, still read by vLLM's production-stack router
+            "vllm:prompt_tokens": self.prompt_tokens,
+            "vllm:generation_tokens": self.generation_tokens,
+            "vllm:time_to_first_token_seconds": self.time_to_first_token,
+            "vllm:e2e_request_latency_seconds": self.e2e_latency,
+        }, self._vllm))  # fmt: skip
         self._page_bytes = 0  # the KV page size, from on_start
+        self._num_pages = 1  # the KV pool's pages, from on_start
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
 
     def on_start(self, info: EngineInfo) -> None:
         """Called once the engine is built."""
         self.kv_budget.set(info.kv_budget_bytes)
-        self._page_bytes = info.kv_page_bytes
+        self._page_bytes, self._num_pages = info.kv_page_bytes, info.kv_num_pages
+        self._cache_config.labels(**self._vllm, block_size=str(info.kv_page_tokens),
+                                  num_gpu_blocks=str(info.kv_num_pages)).set(1)  # fmt: skip
         self.capture_failures.set(len(info.eager_buckets))
         for bucket in info.eager_buckets:
             self.eager_buckets.labels(bucket=bucket).set(1)
@@ -99,9 +152,15 @@ class Metrics:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_used.set(stats.kv_pages_used * self._page_bytes)
+        self.kv_usage.set(stats.kv_pages_used / self._num_pages)
         if stats.num_denoise_rows or stats.num_encode_tokens:
             self.step_latency.observe(stats.encode_s + stats.denoise_s)
         self._count_tokens(stats.num_output_tokens)
+
+    def on_finish(self, finish_reason: str) -> None:
+        """A choice served to its end, with its API's finish reason."""
+        reason = "stop" if finish_reason == "tool_calls" else finish_reason  # vLLM's reasons are the engine's
+        self.request_success.labels(**self._vllm, finished_reason=reason).inc()
 
     def _count_tokens(self, tokens: int) -> None:
         now = time.monotonic()

@@ -251,6 +251,26 @@ class Serving:
             **options,
         )
 
+    def render(self, job: Job) -> list[dict[str, Any]]:
+        """Each prompt of a job as vLLM's render endpoints give it (a GenerateRequest: the prompt's token ids and the
+        resolved sampling parameters), without generating. The engine's admission checks run, so bad input is the
+        same 400 as from the generation endpoint."""
+        rendered = []
+        for choice in job.choices[:: job.n]:
+            try:
+                params = choice.request.validate(self.engine.info)
+            except InvalidRequestError as exc:
+                raise _admission_error(exc, job.api.fields) from None
+            diffusion = {name: getattr(params, name) for name in DIFFUSION_OPTIONS}
+            sampling = {"n": job.n, "max_tokens": params.max_tokens, "temperature": params.temperature,
+                        "seed": params.seed, "stop_token_ids": list(params.stop_token_ids), "logprobs": params.logprobs,
+                        "extra_args": {"diffusion": diffusion}}  # fmt: skip
+            rendered.append({"request_id": choice.request.request_id, "token_ids": list(choice.request.prompt_ids),
+                             "features": None, "sampling_params": sampling, "model": self.model_name,
+                             "stream": job.stream, "stream_options": None, "cache_salt": None, "priority": 0,
+                             "kv_transfer_params": None})  # fmt: skip
+        return rendered
+
     # --- admission ----------------------------------------------------------------------------------------------------
 
     async def respond(self, job: Job, request: Request) -> Response:
@@ -327,6 +347,8 @@ class Serving:
         if was_done:
             return None
         finish = choice.finish_reason if (isinstance(event, Finished) or choice.finish_reason) else None
+        if finish is not None:
+            self.metrics.on_finish(finish)
         return Update(event, delta.content, delta.reasoning, delta.tool_calls, finish)
 
     async def collect(self, job: Job, streams: list[RequestStream], request: Request) -> Response:

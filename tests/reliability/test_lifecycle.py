@@ -41,7 +41,7 @@ def read_stream(server, body: dict, out: list) -> None:
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tiny_checkpoint, tmp_path):
-    server = start_server(tiny_checkpoint, tmp_path / "drain.log", "--drain-timeout", "60")
+    server = start_server(tiny_checkpoint, tmp_path / "drain.log", "--drain-timeout", "60", "--drain-announce", "0")
     body = {"model": "tiny", "prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True,
             "diffusion": {"steps": 12}}  # fmt: skip
     received: list = []
@@ -60,6 +60,36 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tiny_checkpoint,
     finish = json.loads(received[-2])["choices"][0]["finish_reason"]
     assert finish == "length"  # it finished normally during the drain
     assert sum(len(json.loads(d)["choices"][0]["text"]) > 0 for d in received[1:-1] if d != "[DONE]") >= 1
+
+
+def test_sigterm_announces_the_drain_to_a_router_then_refuses_new_requests(tiny_checkpoint, tmp_path):
+    """What a router in front sees: /health and /ready turn 503 at once while the requests it still sends during the
+    announce are served; then new requests get 503, what is in flight is failed at the drain timeout (counted from
+    the signal) and the process exits. The router reaches the replica by its compose service name, which
+    --allowed-hosts lists; other names still get 403."""
+    server = start_server(tiny_checkpoint, tmp_path / "announce.log", "--drain-timeout", "6", "--drain-announce", "3",
+                          "--allowed-hosts", "dgserve-1")  # fmt: skip
+    small = {"model": "tiny", "prompt": "late", "max_tokens": 4, "diffusion": {"steps": 2}}
+    received: list = []
+    reader = threading.Thread(target=read_stream, args=(server, {**LONG, "stream": True}, received))
+    reader.start()
+    with httpx.Client(base_url=server.url, timeout=30, headers={"host": "dgserve-1:8000"}) as http:
+        assert_openai_error(http.get("/v1/models", headers={"host": "evil.example"}), 403, "forbidden_host")
+        wait_for(lambda: metric(http, "dgserve_num_requests_running") == 1, 20, "the request never started")
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: http.get("/health").status_code == 503, 1, "/health did not turn 503 at once")
+        assert http.get("/ready").status_code == 503
+        assert time.monotonic() - signalled < 3  # within the announce
+        served = http.post("/v1/completions", json=small)
+        assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 4
+        wait_for(lambda: http.post("/v1/completions", json=small).status_code == 503, 4, "new requests still served")
+        assert time.monotonic() - signalled >= 3
+        assert_openai_error(http.post("/v1/completions", json=small), 503, "not_ready")
+    assert server.process.wait(timeout=30) == 0
+    assert time.monotonic() - signalled >= 6  # the stream in flight had the whole drain timeout, then was failed
+    reader.join(timeout=10)
+    assert received[0] == 200 and received[-1] == "[DONE]" and "error" in json.loads(received[-2])
 
 
 def test_sigterm_with_zero_drain_timeout_fails_in_flight_requests_and_exits_fast(tiny_checkpoint, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def start_server(
 
 
 def stop_server(server: LiveServer) -> None:
-    server.process.terminate()
+    server.process.send_signal(signal.SIGINT)  # as Ctrl-C: no drain announce (SIGTERM's) for routers to see
     try:
         server.process.wait(timeout=30)
     except subprocess.TimeoutExpired:

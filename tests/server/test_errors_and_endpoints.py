@@ -115,17 +115,18 @@ def anonymous_post(server, path: str, body: dict, headers: dict[str, str]) -> ht
     return httpx.post(server.url + path, json=body, headers=headers, timeout=30)
 
 
-def test_api_key_protects_everything_but_health_ready_metrics(tiny_checkpoint, tmp_path):
+def test_api_key_protects_everything_but_health_ready_metrics_load(tiny_checkpoint, tmp_path):
     log = tmp_path / "auth.log"
     server = start_server(tiny_checkpoint, log, api_key=API_KEY)
     try:
         with httpx.Client(base_url=server.url, timeout=30) as anonymous:
-            for path in ("/health", "/ready", "/metrics"):
+            for path in ("/health", "/ready", "/metrics", "/get_load"):  # what routers poll, without the key
                 assert anonymous.get(path).status_code == 200, path
             for path in ("/v1/models", "/version", "/tokenizer_info", "/v1/models/tiny", "/no-such-route"):
                 assert_openai_error(anonymous.get(path), 401, "invalid_api_key")
-            wrong = anonymous.post("/v1/completions", json={}, headers={"Authorization": "Bearer nope"})
-            assert_openai_error(wrong, 401, "invalid_api_key")
+            for path in ("/v1/completions", "/v1/chat/completions/render", "/v1/completions/render"):
+                wrong = anonymous.post(path, json={}, headers={"Authorization": "Bearer nope"})
+                assert_openai_error(wrong, 401, "invalid_api_key")
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0).models.list()
         assert [m.id for m in server.client().models.list()] == ["tiny"]
