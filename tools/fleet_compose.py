@@ -17,8 +17,9 @@ VLLM_ROUTER_VERSION = "0.1.17"  # pyproject's test extra pins the same: the test
 
 # Health and drain are chosen together: a replica told to stop (SIGTERM) answers /ready with 503 at once but keeps
 # serving for DRAIN_ANNOUNCE seconds. The router polls /ready every HEALTH_INTERVAL seconds and drops a replica after
-# one failed check (answered or timed out after HEALTH_TIMEOUT), so it has stopped sending new requests there within
-# HEALTH_INTERVAL + HEALTH_TIMEOUT seconds, before the replica stops accepting them.
+# one failed check (answered, or timed out after HEALTH_TIMEOUT), so it has stopped sending new requests there within
+# HEALTH_INTERVAL + HEALTH_TIMEOUT seconds, before the replica stops accepting them. Requests in flight then have the
+# rest of DRAIN_TIMEOUT (counted from the signal) to finish.
 HEALTH_INTERVAL = 2
 HEALTH_TIMEOUT = 2
 DRAIN_ANNOUNCE = 5
@@ -86,6 +87,8 @@ x-replica: &replica
     DGSERVE_DTYPE:
     DGSERVE_QUANTIZATION:
     DGSERVE_DRAIN_TIMEOUT: "{DRAIN_TIMEOUT}"
+    # On SIGTERM /ready answers 503 while new requests are still served this long: the router's checks see it first.
+    DGSERVE_DRAIN_ANNOUNCE: "{DRAIN_ANNOUNCE}"
     # Every request comes from the router's one address: the per-client connection cap would throttle the fleet.
     DGSERVE_MAX_CONNECTIONS_PER_CLIENT: "0"
     HF_TOKEN:
@@ -97,7 +100,8 @@ x-replica: &replica
   shm_size: "8gb"
   init: true
   restart: unless-stopped
-  # SIGTERM, then the drain ({DRAIN_TIMEOUT} s), then up to 30 s for the engine to stop: only then SIGKILL.
+  # SIGTERM, then the drain ({DRAIN_TIMEOUT} s from the signal, the announce included), then up to 30 s for the engine
+  # to stop: only then SIGKILL.
   stop_grace_period: 90s
   healthcheck:
     test:

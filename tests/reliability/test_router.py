@@ -213,10 +213,32 @@ def test_a_router_given_the_key_serves_responses_and_messages_to_any_client(repl
         stop_router(keyed)
 
 
+def test_the_routers_side_calls_find_their_endpoints(replicas, tmp_path):
+    """Before a chat or completion vllm-router asks both replicas for the prompt's tokens (POST .../render, falling
+    back to /tokenize). The replicas serve those routes, so none of its calls is a 404. It sends its own key on them:
+    behind a router without one they get each replica's 401 and it routes by the request's text alone."""
+    keyed = start_router(replicas, tmp_path / "keyed.log", "--api-key", API_KEY)
+    before = counters(replicas, "dgserve_requests_total", status="200")
+    refused = [sum(counters(replicas, "dgserve_requests_total", status=str(s))) for s in (401, 404, 405)]
+    try:
+        client = keyed.client()
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, extra_body={"diffusion": {"steps": 1}})
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1,
+                                       extra_body={"diffusion": {"steps": 1}})  # fmt: skip
+    finally:
+        stop_router(keyed)
+    assert [sum(counters(replicas, "dgserve_requests_total", status=str(s))) for s in (401, 404, 405)] == refused
+    rendered = [counters(replicas, "dgserve_requests_total", endpoint=e, status="200")
+                for e in ("/v1/completions/render", "/v1/chat/completions/render")]  # fmt: skip
+    assert all(sum(per_replica) >= 1 for per_replica in rendered), rendered
+    assert sum(counters(replicas, "dgserve_requests_total", status="200")) > sum(before)
+
+
 def test_sigterm_to_a_replica_under_load_costs_no_client_error(router, replicas):
     """Clients keep sending through the router while one replica is stopped (SIGTERM, as `docker compose stop`
-    sends): its /ready turns 503 at once and requests that still reach it are refused with 503 (retried by the router
-    on the other replica) or finish in the drain. Allowed errors: none. Runs last: it stops a replica."""
+    sends). Its /ready turns 503 at once while it keeps serving for the drain announce (DGSERVE_DRAIN_ANNOUNCE), longer
+    than the router's health checks take to drop it; what reaches it anyway is served, or refused with a 503 that the
+    router retries on the other replica. Allowed errors: none. Runs last: it stops a replica."""
     client = router.client()
     errors, done, stop = [], [], threading.Event()
 
