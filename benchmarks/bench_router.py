@@ -6,12 +6,14 @@ from tools/fleet_compose.py); every request loop is bounded.
 
     python -m benchmarks.bench_router --clients 4 --requests 16 --max-tokens 64 --steps 8
     python -m benchmarks.bench_router --failover --policies cache_aware round_robin power_of_two
+    python -m benchmarks.bench_router --failover --router-defaults   # without the fleet's settings, to compare
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import signal
 import socket
@@ -33,8 +35,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_router(workers: list[str], policy: str, log: Path) -> tuple[subprocess.Popen, str]:
-    flags = list(ROUTER_FLAGS)
+def start_router(workers: list[str], policy: str, log: Path, fleet: bool = True) -> tuple[subprocess.Popen, str]:
+    """A router with the fleet's flags but `policy`, or with vllm-router's defaults but `policy` (fleet=False)."""
+    flags = list(ROUTER_FLAGS) if fleet else ["--policy", policy]
     flags[flags.index("--policy") + 1] = policy
     port = free_port()
     binary = shutil.which("vllm-router", path=f"{Path(sys.executable).parent}:/usr/bin:/bin")
@@ -90,13 +93,14 @@ def compare(args: argparse.Namespace, replicas: list[str], body: dict, logs: Pat
 async def failover_load(url: str, clients: int, body: dict, victim: subprocess.Popen, timeout: float) -> tuple:
     """Clients send one request after another; after 2 s one replica gets SIGTERM; 3 s after it exits, they stop."""
     done, errors, running = [], [], True
+    body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
 
     async def client(c: int) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=timeout) as http:
             n = 0
             while running:
                 n += 1
-                response = await http.post("/v1/completions", json={**body, "stream": False, "prompt": f"{c}-{n}"})
+                response = await http.post("/v1/completions", json={**body, "prompt": f"{c}-{n}"})
                 (done if response.status_code == 200 else errors).append(response.status_code)
 
     tasks = [asyncio.create_task(client(c)) for c in range(clients)]
@@ -120,7 +124,16 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--failover", action="store_true", help="count client errors when a replica is stopped")
     parser.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin", "power_of_two"])
+    parser.add_argument("--router-defaults", action="store_true",
+                        help="with --failover: vllm-router's default health and retry settings and no drain announce "
+                        "(DGSERVE_DRAIN_ANNOUNCE=0), to see what the fleet's settings buy")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="CPU threads per replica (default: half the cores): two replicas must not oversubscribe "
+                        "the CPU, where OpenMP's spinning threads slow both many times over")  # fmt: skip
     args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the replicas inherit it
+    if args.router_defaults:
+        os.environ["DGSERVE_DRAIN_ANNOUNCE"] = "0"
 
     logs = Path(tempfile.mkdtemp())
     body = {"model": "bench", "max_tokens": args.max_tokens, "stream": True, "ignore_eos": True,
@@ -134,7 +147,7 @@ def main() -> None:
             if not args.failover:
                 compare(args, urls, body, logs)
                 continue
-            router, url = start_router(urls, policy, logs / f"router-{policy}.log")
+            router, url = start_router(urls, policy, logs / f"router-{policy}.log", fleet=not args.router_defaults)
             try:
                 done, errors = asyncio.run(failover_load(url, args.clients, body, replicas[0], args.timeout))
             finally:

@@ -79,7 +79,7 @@ def stop_router(router: Router) -> None:
 def replicas(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LiveServer]]:
     router_binary()  # skip before paying for two servers
     directory = tmp_path_factory.mktemp("fleet")
-    env = fleet_replica_env()
+    env = fleet_replica_env() | {"OMP_NUM_THREADS": "1"}  # two replicas on two cores: OpenMP threads must not spin
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the two start-ups overlap
         started = [pool.submit(start_server, tiny_checkpoint, directory / f"replica{i}.log", api_key=API_KEY, env=env)
                    for i in range(2)]  # fmt: skip
@@ -150,7 +150,7 @@ def test_cache_aware_keeps_each_long_prefix_on_its_own_replica(router, replicas)
     """Two system prompts sent together, round after round, each stay on one replica, a different one each.
     Each replica's prompt-token counter tells which prompt reached it (their lengths differ)."""
     client = router.client()
-    systems = [" ".join(f"Rule {i}: answer about module {name} in plain words." for i in range(n))
+    systems = [" ".join(f"{name} rule {i}: answer about module {name} in plain words." for i in range(n))
                for name, n in (("os", 12), ("sys", 6))]  # fmt: skip
 
     def ask(system: str) -> int:
@@ -191,6 +191,10 @@ def test_the_clients_key_is_checked_by_the_replicas(router, replicas):
             anthropic.Anthropic(base_url=router.url, api_key=key, max_retries=0).messages.create(
                 model="tiny", max_tokens=1, messages=[{"role": "user", "content": "x"}])  # fmt: skip
     assert sum(counters(replicas, "dgserve_requests_total", status="401")) - refused >= 7  # the replicas said 401
+    # Nor does the router check Host: a foreign name reaches a replica as the router's own (README says so).
+    foreign = {"host": "evil.example", "authorization": f"Bearer {API_KEY}"}
+    assert httpx.get(f"{replicas[0].url}/v1/models", headers=foreign).status_code == 403
+    assert httpx.get(f"{router.url}/v1/models", headers=foreign).status_code == 200
 
 
 def test_a_router_given_the_key_serves_responses_and_messages_to_any_client(replicas, tmp_path):
