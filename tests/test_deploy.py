@@ -23,6 +23,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
+FLEET = ROOT / "docker-compose.fleet.yml"  # tools/fleet_compose.py's output for GPUs 0-7
+ROUTER_DOCKERFILE = ROOT / "Dockerfile.router"
+NGINX = ROOT / "deploy" / "nginx.conf"
 README = ROOT / "README.md"
 
 # Variables the image or compose file set for a library rather than for dgserve, with their reader.
@@ -134,15 +137,36 @@ def interpolate(value, env: dict[str, str]):
     return _INTERPOLATION.sub(substitute, value.replace("$$", "\0")).replace("\0", "$")
 
 
-def load_compose(env: dict[str, str] | None = None) -> dict:
-    """The compose file as compose sees it: YAML (anchors and merge keys resolved), then interpolated."""
+def load_compose(env: dict[str, str] | None = None, text: str | None = None) -> dict:
+    """A compose file (docker-compose.yml unless `text` is given) as compose sees it: YAML (anchors and merge keys
+    resolved), then interpolated."""
     import yaml
 
-    return interpolate(yaml.safe_load(COMPOSE.read_text()), env or {})
+    return interpolate(yaml.safe_load(COMPOSE.read_text() if text is None else text), env or {})
 
 
-def interpolated_names() -> set[str]:
-    return {match.group(1) for match in _INTERPOLATION.finditer(COMPOSE.read_text())}
+def fleet_router_flags() -> list[str]:
+    """The router's flags in docker-compose.fleet.yml, less where it listens and the replicas' URLs."""
+    command = load_compose(text=FLEET.read_text())["services"]["router"]["command"]
+    flags, skipping = [], False
+    for word in command:
+        if word.startswith("--"):
+            skipping = word in ("--host", "--port", "--worker-urls")
+        if not skipping:
+            flags.append(word)
+    return flags
+
+
+def fleet_replica_env() -> dict[str, str]:
+    """The settings docker-compose.fleet.yml gives every replica (those with a value; not where it listens)."""
+    env = load_compose(text=FLEET.read_text())["services"]["dgserve-gpu0"]["environment"]
+    return {
+        k: v for k, v in env.items() if v is not None and k not in ("DGSERVE_MODEL", "DGSERVE_HOST", "DGSERVE_PORT")
+    }
+
+
+def interpolated_names(path: Path = COMPOSE) -> set[str]:
+    return {match.group(1) for match in _INTERPOLATION.finditer(path.read_text())}
 
 
 def seconds(duration: str) -> float:
@@ -194,10 +218,10 @@ def test_the_reader_check_tells_read_variables_from_others():
 
 def test_every_variable_the_image_and_compose_set_is_one_that_is_read():
     image = dockerfile_env(dockerfile_instructions(DOCKERFILE.read_text()))
-    compose = load_compose()
-    containers = {name for service in compose["services"].values() for name in service.get("environment", {})}
+    services = [*load_compose()["services"].values(), *load_compose(text=FLEET.read_text())["services"].values()]
+    containers = {name for service in services for name in service.get("environment", {})}
     assert "DGSERVE_MODEL" in containers and "DGSERVE_API_KEY" in containers
-    names = set(image) | containers | interpolated_names()
+    names = set(image) | containers | interpolated_names() | interpolated_names(FLEET)
 
     dgserve = sorted(name for name in names if name.startswith("DGSERVE_") and name not in COMPOSE_ONLY)
     unread = [name for name in dgserve if not serve_reads(name)]
@@ -456,8 +480,9 @@ def test_hadolint_passes_on_the_dockerfile(tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM debian\nRUN apt-get update && apt-get install -y curl\nCMD curl localhost\n")
     assert lint(bad).returncode != 0, "hadolint let a bad Dockerfile through: is it really linting?"
-    result = lint(DOCKERFILE)
-    assert result.returncode == 0, result.stdout + result.stderr
+    for dockerfile in (DOCKERFILE, ROUTER_DOCKERFILE):
+        result = lint(dockerfile)
+        assert result.returncode == 0, f"{dockerfile.name}: {result.stdout}{result.stderr}"
 
 
 def test_readme_documents_every_compose_variable():
@@ -466,3 +491,104 @@ def test_readme_documents_every_compose_variable():
     section = text.split("## Deploy with Docker", 1)[1].split("\n## ", 1)[0]
     missing = sorted(name for name in interpolated_names() if name not in section)
     assert not missing, f"README's Deploy with Docker section does not explain {missing}"
+
+
+# ---- the fleet: docker-compose.fleet.yml, Dockerfile.router, deploy/nginx.conf ---------------------------------------
+
+
+def flag_values(flags: list[str]) -> dict[str, str]:
+    return dict(zip(flags[::2], flags[1::2], strict=True))
+
+
+def test_the_fleet_file_is_the_generators_output_and_satisfies_the_compose_specification():
+    from tools.fleet_compose import fleet_compose
+
+    assert FLEET.read_text() == fleet_compose([str(gpu) for gpu in range(8)]), "run tools/fleet_compose.py again"
+    assert compose_schema_errors(load_compose(text=FLEET.read_text())) == []
+    two = load_compose({"DGSERVE_ALLOWED_HOSTS": "gpu-box"}, fleet_compose(["0", "GPU-8e6c4a1f"]))
+    assert compose_schema_errors(two) == []
+    assert set(two["services"]) == {"dgserve-gpu0", "dgserve-gpuGPU-8e6c4a1f", "router"}
+    assert two["services"]["dgserve-gpu0"]["environment"]["DGSERVE_ALLOWED_HOSTS"] == "dgserve-gpu0,gpu-box"
+
+
+def test_a_fleet_replica_is_the_single_service_behind_the_router():
+    """Each replica is docker-compose.yml's service but for what the fleet changes: no published port, its own GPU,
+    its name allowed as Host, and no per-client connection cap (every request comes from the router)."""
+    single = load_compose()["services"]["dgserve"]
+    fleet = load_compose(text=FLEET.read_text())["services"]
+    replicas = {name: service for name, service in fleet.items() if name != "router"}
+    assert len(replicas) == 8
+    for gpu, (name, replica) in enumerate(sorted(replicas.items())):
+        assert "ports" not in replica and replica["expose"] == ["8000"], name  # reached by the router alone
+        assert replica["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == [str(gpu)]
+        env = dict(replica["environment"])
+        assert env.pop("DGSERVE_ALLOWED_HOSTS") == f"{name},", name
+        assert env.pop("DGSERVE_MAX_CONNECTIONS_PER_CLIENT") == "0" and env.pop("DGSERVE_DRAIN_ANNOUNCE")
+        assert env == {k: v for k, v in single["environment"].items() if k != "DGSERVE_ALLOWED_HOSTS"}, name
+        same = set(single) - {"ports", "environment", "deploy"}
+        assert {k: replica[k] for k in same} == {k: single[k] for k in same}, name
+
+
+def test_only_the_router_is_published_and_it_routes_to_every_replica():
+    fleet = load_compose(text=FLEET.read_text())["services"]
+    router = fleet.pop("router")
+    assert router["ports"] == ["127.0.0.1:8000:8000"]  # loopback by default, like docker-compose.yml
+    command = router["command"]
+    urls = command[command.index("--worker-urls") + 1 : command.index("--worker-urls") + 1 + len(fleet)]
+    assert urls == [f"http://{name}:8000" for name in fleet]
+    assert set(router["depends_on"]) == set(fleet)
+    assert "--api-key" not in command  # the router does not hold the key: the replicas check the client's (README)
+    assert router["build"]["dockerfile"] == ROUTER_DOCKERFILE.name
+
+
+def test_the_router_image_installs_the_tested_wheel_and_runs_it_as_a_user():
+    from tools.fleet_compose import VLLM_ROUTER_VERSION
+
+    tested = re.search(r'"vllm-router==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    instructions = dockerfile_instructions(ROUTER_DOCKERFILE.read_text())
+    args = dict(a.partition("=")[::2] for k, a in instructions if k == "ARG" and "=" in a)
+    assert args["VLLM_ROUTER_VERSION"] == tested == VLLM_ROUTER_VERSION
+    assert load_compose(text=FLEET.read_text())["services"]["router"]["image"] == f"dgserve-router:{tested}"
+    assert any(k == "RUN" and '"vllm-router==${VLLM_ROUTER_VERSION}"' in a for k, a in instructions)
+    assert json.loads(next(a for k, a in instructions if k == "ENTRYPOINT")) == ["vllm-router"]
+    assert [a for k, a in instructions if k == "USER"][-1].split(":")[0] not in ("root", "0")
+
+
+def test_the_health_check_drops_a_stopping_replica_before_its_drain():
+    """The router stops sending to a replica (its /ready failed as often as the threshold says, each check answered
+    or timed out) before the replica's drain announce ends, and the stop grace covers the drain plus the engine's
+    stop."""
+    flags = flag_values(fleet_router_flags())
+    assert flags["--health-check-endpoint"] == "/ready" and flags["--policy"] == "cache_aware"
+    noticed = int(flags["--health-check-interval-secs"]) * int(flags["--health-failure-threshold"]) + int(
+        flags["--health-check-timeout-secs"]
+    )
+    replica = load_compose(text=FLEET.read_text())["services"]["dgserve-gpu0"]
+    env = replica["environment"]
+    assert noticed < float(env["DGSERVE_DRAIN_ANNOUNCE"]) <= float(env["DGSERVE_DRAIN_TIMEOUT"])
+    assert int(flags["--retry-max-retries"]) >= 1  # what reaches it anyway (a 503, a refused connection) goes elsewhere
+    assert seconds(replica["stop_grace_period"]) >= float(env["DGSERVE_DRAIN_TIMEOUT"]) + ENGINE_JOIN_SECONDS
+    assert int(flags["--worker-startup-timeout-secs"]) >= seconds(replica["healthcheck"]["start_period"])
+
+
+def readme_fleet_section() -> str:
+    return README.read_text().split("### A whole box behind one port", 1)[1].split("\n### ", 1)[0]
+
+
+def test_readme_states_the_fleets_settings():
+    """README's table of the fleet's settings gives the values the compose file uses, every one of them."""
+    stated = dict(re.findall(r"^\| `(--[a-z-]+|DGSERVE_[A-Z_]+)` \| `([^`]*)` \|", readme_fleet_section(), re.M))
+    shipped = flag_values(fleet_router_flags())
+    replica = load_compose(text=FLEET.read_text())["services"]["dgserve-gpu0"]["environment"]
+    shipped |= {k: v for k, v in replica.items() if v is not None and k.startswith("DGSERVE_") and k not in (
+        "DGSERVE_MODEL", "DGSERVE_HOST", "DGSERVE_PORT", "DGSERVE_ALLOWED_HOSTS")}  # fmt: skip
+    assert stated == shipped
+
+
+def test_the_nginx_alternative_keeps_host_streams_and_every_replica():
+    text = NGINX.read_text()
+    for directive in ("least_conn;", "proxy_set_header Host $host;", "proxy_buffering off;", "proxy_http_version 1.1;"):
+        assert directive in text, directive
+    replicas = sorted(n for n in load_compose(text=FLEET.read_text())["services"] if n != "router")
+    assert sorted(re.findall(r"^\s*server (dgserve-gpu\d+):8000", text, re.M)) == replicas
+    assert "DGSERVE_ALLOWED_HOSTS" in readme_fleet_section() and "deploy/nginx.conf" in readme_fleet_section()
