@@ -194,7 +194,8 @@ def measure(fn: Callable[[str, int, int], Result], checkpoint: str, steps: int, 
             run = pool.submit(fn, checkpoint, steps, rows).result()
         if (busy := contention([run])) <= CONTENDED or attempt == ATTEMPTS - 1:
             break
-        print(f"{fn.__name__} B={rows}: other processes used {busy:.0%} of the CPUs, measuring again", flush=True)
+        name = getattr(fn, "func", fn).__name__  # a partial names its function
+        print(f"{name} B={rows}: other processes used {busy:.0%} of the CPUs, measuring again", flush=True)
     return run
 
 

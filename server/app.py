@@ -42,7 +42,8 @@ VERSION = "0.1.0"
 # Everything else needs the key when one is set (fail closed). Routers poll these without one.
 OPEN_PATHS = {"/health", "/ready", "/metrics", "/get_load"}
 KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages",
-               "/v1/messages/count_tokens", "/v1/completions/render", "/v1/chat/completions/render", "/health",
+               "/v1/messages/count_tokens", "/v1/completions/render", "/v1/chat/completions/render",
+               "/v1/responses/render", "/health",
                "/ready", "/metrics", "/get_load", "/version", "/tokenize", "/detokenize",
                "/tokenizer_info"}  # fmt: skip
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -250,6 +251,11 @@ def create_app(
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         job = await asyncio.to_thread(responses_job, serving, store, body)
         return await run(job, request)
+
+    @app.post("/v1/responses/render")
+    async def render_responses(body: ResponsesRequest) -> dict[str, Any]:
+        """What vllm-router asks before a Responses request: its rendered input (previous_response_id included)."""
+        return serving.render(await asyncio.to_thread(responses_job, serving, store, body))[0]
 
     def stored(response_id: str) -> Any:
         if (item := store.get(response_id)) is None:

@@ -237,11 +237,12 @@ def test_the_routers_side_calls_find_their_endpoints(replicas, tmp_path):
         client.completions.create(model="tiny", prompt="x", max_tokens=1, extra_body={"diffusion": {"steps": 1}})
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1,
                                        extra_body={"diffusion": {"steps": 1}})  # fmt: skip
+        client.responses.create(model="tiny", input="x", max_output_tokens=1, extra_body={"diffusion": {"steps": 1}})
     finally:
         stop_router(keyed)
     assert [sum(counters(replicas, "dgserve_requests_total", status=str(s))) for s in (401, 404, 405)] == refused
     rendered = [counters(replicas, "dgserve_requests_total", endpoint=e, status="200")
-                for e in ("/v1/completions/render", "/v1/chat/completions/render")]  # fmt: skip
+                for e in ("/v1/completions/render", "/v1/chat/completions/render", "/v1/responses/render")]  # fmt: skip
     assert all(sum(per_replica) >= 1 for per_replica in rendered), rendered
     assert sum(counters(replicas, "dgserve_requests_total", status="200")) > sum(before)
 

@@ -130,12 +130,22 @@ def test_render_gives_the_prompt_tokens_generation_would_use_and_the_same_errors
         text = http.post("/detokenize", json={"tokens": with_tools["token_ids"]}).json()["prompt"]
         assert "get_weather" in text and "Weather in Paris?" in text
         assert len(plain["token_ids"]) < len(with_tools["token_ids"])
+        # The same conversation as a Responses input renders to the same prompt.
+        responses = http.post("/v1/responses/render", json={"model": "tiny", "input": CHAT["messages"]}).json()
+        assert responses["token_ids"] == plain["token_ids"]
 
         for path, body, status, code, param in (
             ("/v1/chat/completions", {**CHAT, "diffusion": {"steps": 0}}, 400, "invalid_request", "diffusion.steps"),
             ("/v1/chat/completions", {**CHAT, "max_tokens": 10**6}, 400, "context_length_exceeded", "messages"),
             ("/v1/chat/completions", {**CHAT, "model": "other"}, 404, "model_not_found", "model"),
             ("/v1/completions", {"model": "tiny", "prompt": [10**9]}, 400, "invalid_prompt", "prompt"),
+            (
+                "/v1/responses",
+                {"model": "tiny", "input": "x", "diffusion": {"steps": 0}},
+                400,
+                "invalid_request",
+                "diffusion.steps",
+            ),
         ):
             generation = http.post(path, json=body)
             render = http.post(path + "/render", json=body)
