@@ -113,10 +113,12 @@ USER ${UID}:0
 # Inside a container the server listens on every interface; publish the port on 127.0.0.1 (docker-compose.yml does).
 # The Host check still answers only localhost, 127.0.0.1 and ::1: add the names clients use with
 # DGSERVE_ALLOWED_HOSTS. The drain fits Docker's default 10 s stop grace (`docker stop`, `docker run` without
-# --stop-timeout): raise DGSERVE_DRAIN_TIMEOUT together with --stop-timeout (compose sets both).
+# --stop-timeout): raise DGSERVE_DRAIN_TIMEOUT together with --stop-timeout (compose sets both). A lone container has
+# no router to warn, so the whole drain goes to the requests in flight: no announce (the fleet compose sets one).
 ENV DGSERVE_HOST=0.0.0.0 \
     DGSERVE_PORT=8000 \
     DGSERVE_DRAIN_TIMEOUT=5 \
+    DGSERVE_DRAIN_ANNOUNCE=0 \
     DGSERVE_URL_FILE=/tmp/dgserve.url \
     PYTHONUNBUFFERED=1
 EXPOSE 8000
