@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.reliability.test_lifecycle import wait_for
-from tests.server.conftest import API_KEY, LiveServer, free_port, start_server, stop_server
+from tests.server.conftest import API_KEY, LiveServer, free_port, start_server, stop_server, wait_ready
 from tests.test_deploy import fleet_replica_env, fleet_router_flags
 
 
@@ -56,16 +56,8 @@ def start_router(replicas: list[LiveServer], log: Path, *extra: str) -> Router:
                "--worker-urls", *[r.url for r in replicas], *fleet_router_flags(), *extra]  # fmt: skip
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     router = Router(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{router.url}/readiness", timeout=1).status_code == 200:
-                return router
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"router not ready:\n{log.read_text()}")
+    wait_ready(process, f"{router.url}/readiness", 60, log)
+    return router
 
 
 def stop_router(router: Router) -> None:

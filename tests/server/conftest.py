@@ -74,18 +74,22 @@ def start_server(
                "--served-model-name", "tiny", "--kv-budget-bytes", str(256 * 2**20), *args]  # fmt: skip
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     server = LiveServer(f"http://127.0.0.1:{port}", process, log, api_key)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.logs()}")
+    wait_ready(process, f"{server.url}/ready", 120, log)
+    return server
+
+
+def wait_ready(process: subprocess.Popen, url: str, seconds: float, log: Path) -> None:
+    """Until `url` answers 200; a process that exits or stays unready that long is killed and its log raised."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
         try:
-            if httpx.get(f"{server.url}/ready", timeout=1).status_code == 200:
-                return server
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.1)
     process.kill()
-    raise RuntimeError(f"server not ready in time:\n{server.logs()}")
+    raise RuntimeError(f"{url} not ready (exit code {process.poll()}):\n{log.read_text()}")
 
 
 def stop_server(server: LiveServer) -> None:
