@@ -200,13 +200,10 @@ class ModelRunner:
     def step_inputs(self, rows: list[Sequence | None], pages: int) -> dict[str, torch.Tensor]:
         """The step's inputs on the host, from the sequence in each slot of the bucket (None: idle or encoding, given
         inert values), with a page table `pages` wide."""
-        inputs = {}
-        for spec in STEP_INPUTS:
-            column = [spec.inert if seq is None else spec.value(seq) for seq in rows]
-            if spec.width is not None:  # lists, padded with the inert value
-                column = [[*(v if seq is not None else ()), *[spec.inert] * spec.width][: spec.width]
-                          for seq, v in zip(rows, column, strict=True)]  # fmt: skip
-            inputs[spec.name] = torch.tensor(column, dtype=getattr(torch, spec.dtype))
+        inputs = {
+            spec.name: torch.tensor([spec.row(seq) for seq in rows], dtype=getattr(torch, spec.dtype))
+            for spec in STEP_INPUTS
+        }
         inputs["table"] = torch.tensor(page_table(rows, pages))
         return inputs
 

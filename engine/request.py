@@ -115,6 +115,13 @@ class StepInput:
     value: Callable[[Sequence], Any]
     width: int | None = None  # a list of up to `width` values per row, padded with `inert`
 
+    def row(self, seq: Sequence | None) -> Any:
+        """This input's value for the sequence in a row (None: an idle or encoding row)."""
+        if self.width is None:
+            return self.inert if seq is None else self.value(seq)
+        given = () if seq is None else tuple(self.value(seq))
+        return [*given, *[self.inert] * (self.width - len(given))]
+
 
 # The step's per-row inputs: what the canvas update and the sampler read, by these names.
 STEP_INPUTS = (
@@ -250,13 +257,10 @@ class EngineInfo:
         return self.kv_num_pages * self.kv_page_bytes
 
     def kv_pages_for(self, prompt_len: int, max_tokens: int) -> int:
-        """KV pages a request of this shape is charged: those of its prompt and of whole canvases."""
-        return math.ceil(kv_capacity(prompt_len, max_tokens, self.canvas_length) / self.kv_page_tokens)
-
-
-def kv_capacity(prompt_len: int, max_tokens: int, canvas_length: int) -> int:
-    """Slots a sequence can ever hold: prompt, every committed canvas, and the one being denoised."""
-    return prompt_len + math.ceil(max_tokens / canvas_length) * canvas_length
+        """KV pages a request of this shape is charged: its prompt, every committed canvas, and the one being
+        denoised."""
+        capacity = prompt_len + math.ceil(max_tokens / self.canvas_length) * self.canvas_length
+        return math.ceil(capacity / self.kv_page_tokens)
 
 
 class FinishReason(str, enum.Enum):
