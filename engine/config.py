@@ -39,6 +39,12 @@ class EngineConfig:
     compile: bool | None = None
     cuda_graphs: bool = True  # capture the compiled step as one CUDA graph per bucket at start (CUDA only)
     max_capture_len: int = 8192  # captured page-table widths cover contexts up to this many tokens
+    # Share prompt pages between requests by content (engine/prefix_cache.py). Off in reference mode, which encodes
+    # every prompt whole as generate() does.
+    enable_prefix_caching: bool = True
+    # Share of the KV budget left after the sliding-window rings that stores the sliding layers' KV of cached pages
+    # (a hit needs the last W - 1 tokens of it); the full-layer pages are cached in whatever the pool has free.
+    prefix_cache_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -55,6 +61,8 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= prefill_chunk ({self.prefill_chunk})")
         if self.max_capture_len < 1:
             raise ValueError(f"max_capture_len must be >= 1, got {self.max_capture_len}")
+        if not 0 < self.prefix_cache_fraction < 1:
+            raise ValueError(f"prefix_cache_fraction must be in (0, 1), got {self.prefix_cache_fraction}")
         if self.dtype not in (None, "bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
 
@@ -67,6 +75,10 @@ class EngineConfig:
         if self.compile is None:
             return self.torch_device.type == "cuda" and not self.reference_mode
         return self.compile
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.enable_prefix_caching and not self.reference_mode
 
     @property
     def batch_alignment(self) -> int:

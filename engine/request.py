@@ -150,6 +150,7 @@ class Request:
     params: SamplingParams = SamplingParams()
     constraint: Constraint | None = None  # a grammar the output must follow (engine/constraint.py)
     canvas_init: CanvasInit | None = None  # how the first canvas starts (warm start, infill); None: noise
+    cache_salt: str | None = None  # prefix-cache pages are shared only between requests of the same salt
 
     def validate(self, info: EngineInfo) -> SamplingParams:
         """The resolved sampling parameters; raises InvalidRequestError naming the field at fault ("prompt",
@@ -251,6 +252,11 @@ class EngineInfo:
     kv_page_bytes: int
     generation_defaults: GenerationDefaults  # the checkpoint's sampler settings: what a request's None stands for
     eager_buckets: tuple[str, ...] = ()  # "ROWSxPAGES" step buckets whose compile or capture failed (or "all")
+    prefix_caching: bool = False
+    # The prefix cache may hold every full-layer page not in use, plus this store of the sliding layers' KV of
+    # cached pages (engine/prefix_cache.py).
+    prefix_cache_sliding_pages: int = 0
+    prefix_cache_sliding_page_bytes: int = 0
 
     @property
     def kv_budget_bytes(self) -> int:
@@ -275,6 +281,7 @@ class Usage:
     completion_tokens: int
     num_canvases: int
     num_denoise_steps: int  # decoder forwards this request took part in
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache, not encoded
 
     @property
     def tokens_per_forward(self) -> float:
@@ -354,3 +361,9 @@ class StepStats:
     encode_s: float
     denoise_s: float  # the denoising step: decoder forward, sampler and its results copy
     kv_pages_used: int
+    # Prefix cache: prompt tokens looked up and found at this iteration's admissions, pages it holds now (in use or
+    # not), and pages it evicted this iteration.
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_cached_pages: int = 0
+    prefix_evictions: int = 0
