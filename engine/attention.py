@@ -21,25 +21,36 @@ if TYPE_CHECKING:
     from engine.scheduler import Chunk
 
 
-def encoder_attention(pool: KVPool, chunks: list[Chunk], offsets: list[int]) -> Attend:
+def encoder_attention(
+    pool: KVPool, chunks: list[Chunk], offsets: list[int], query_align: int = 1, key_block: int = 1
+) -> Attend:
     """Causal attention for a flattened batch [1, T]: chunk i's tokens are [offsets[i], offsets[i] + n_i).
 
     Runs chunk by chunk over exactly its sequence's keys (the encoder is not the step's bottleneck) and stores the
-    new keys and values. Tokens outside every chunk are alignment padding: not stored, output zero.
+    new keys and values, and the sliding-layer KV of the pages each chunk completes that the prefix cache keeps
+    (Chunk.saves). Tokens outside every chunk are alignment padding: not stored, output zero.
+
+    A chunk's queries are padded to a multiple of query_align, and its keys laid out from and to multiples of key_block
+    positions (zeros where none is held, masked), so that no token's numbers depend on where its chunk starts or ends:
+    with 4 and 512 (the CPU flash kernel's KV block), a prompt encoded in any chunks, or its rest after a prefix-cache
+    hit, writes the same bits (measured). 1 and 1: the reference's exact shapes.
     """
-    config, window, device = pool.config, pool.window, pool.device
+    config, window, device, page = pool.config, pool.window, pool.device, pool.layout.page_size
     plans = []
     for chunk in chunks:
-        start, end = chunk.start, chunk.start + len(chunk.token_ids)
-        queries = torch.arange(start, end, device=device)[None]
-        held = min(start, window)
+        start, n = chunk.start, len(chunk.token_ids)
+        end, rows = start + n, -(-n // query_align) * query_align
+        last = -(-(start + rows) // key_block) * key_block  # keys end here ...
+        low = max(0, start - window)  # ... and start at 0 (full layers) or before the first the rings hold
+        first = low // key_block * key_block
+        queries = torch.arange(start, start + rows, device=device)[None]
         plans.append(
             (
                 tuple(t.to(device) for t in pool.token_index(chunk.seq.pages, start, end)),
-                torch.arange(start + max(0, end - start - window), end, device=device) % window,
+                torch.arange(start + max(0, n - window), end, device=device) % window,
                 {
-                    False: causal_mask(torch.arange(end, device=device)[None], queries, None),
-                    True: causal_mask(torch.arange(start - held, end, device=device)[None], queries, window + 1),
+                    False: (0, causal_mask(torch.arange(last, device=device)[None], queries, None)),
+                    True: (first, causal_mask(torch.arange(first, last, device=device)[None], queries, window + 1)),
                 },
             )
         )
@@ -50,22 +61,40 @@ def encoder_attention(pool: KVPool, chunks: list[Chunk], offsets: list[int]) -> 
         for chunk, (index, ring_index, masks), at in zip(chunks, plans, offsets, strict=True):
             seq, n, start = chunk.seq, len(chunk.token_ids), chunk.start
             new_k, new_v = k[0, :, at : at + n], v[0, :, at : at + n]
+            first, mask = masks[sliding]
             if sliding:
                 held_k, held_v = pool.held_sliding(layer, seq.slot, start)
-                keys, values = torch.cat([held_k, new_k], dim=1), torch.cat([held_v, new_v], dim=1)
+                low = start - held_k.shape[1]
+                keys, values = (_laid_out(torch.cat(t, dim=1), low - first, mask.shape[-1]) for t in
+                                ((held_k, new_k), (held_v, new_v)))  # fmt: skip
                 keep = slice(n - ring_index.numel(), n)  # a chunk longer than the window keeps its last W-1
                 pool.keys[layer][seq.slot][:, ring_index] = new_k[:, keep]
                 pool.values[layer][seq.slot][:, ring_index] = new_v[:, keep]
+                for j, store in chunk.saves:  # positions [jP, (j+1)P) the rings held or this chunk brings
+                    a, b = max(j * page, low), (j + 1) * page
+                    pool.saved_keys[layer][store, :, a - j * page :] = keys[:, a - first : b - first]
+                    pool.saved_values[layer][store, :, a - j * page :] = values[:, a - first : b - first]
             else:
                 pool.keys[layer][index[0], :, index[1]] = new_k.transpose(0, 1)
                 pool.values[layer][index[0], :, index[1]] = new_v.transpose(0, 1)
                 keys, values = pool.full_keys(layer, torch.tensor([seq.pages], device=device))
-                keys, values = keys[0, :, : start + n], values[0, :, : start + n]
+                keys, values = (_laid_out(t[0, :, : mask.shape[-1]], 0, mask.shape[-1]) for t in (keys, values))
             if out is not None:
-                out[:, :, at : at + n] = sdpa(q[:, :, at : at + n], keys[None], values[None], masks[sliding])
+                rows = q[:, :, at : at + n]
+                rows = F.pad(rows, (0, 0, 0, mask.shape[-2] - n)) if mask.shape[-2] > n else rows
+                out[:, :, at : at + n] = sdpa(rows, keys[None], values[None], mask)[:, :, :n]
         return out
 
     return attend
+
+
+def _laid_out(x: torch.Tensor, offset: int, length: int) -> torch.Tensor:
+    """x [kv, n, d] placed at `offset` of zeros [kv, length, d]."""
+    if offset == 0 and x.shape[1] == length:
+        return x
+    out = x.new_zeros(x.shape[0], length, x.shape[2])
+    out[:, offset : offset + x.shape[1]] = x
+    return out
 
 
 @dataclass(slots=True)

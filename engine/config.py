@@ -89,6 +89,12 @@ class EngineConfig:
         return 4 if self.torch_device.type == "cpu" and not self.reference_mode else 1
 
     @property
+    def encoder_key_block(self) -> int:
+        """The encoder lays its keys out in blocks of this many positions (engine/attention.py): the CPU flash
+        kernel's KV block, which with batch_alignment keeps a token's bits independent of its chunk. 1 elsewhere."""
+        return 512 if self.batch_alignment > 1 else 1
+
+    @property
     def sampler_chunk(self) -> int:
         """Vocabulary chunk of the streaming sampler: cache-sized on CPU, launch-amortising on GPUs (measured)."""
         return self.vocab_chunk or (8192 if self.torch_device.type == "cuda" else 2048)

@@ -20,6 +20,7 @@ from engine.memory import (
     planned_split,
 )
 from engine.model_runner import ModelRunner, measure_activations
+from engine.prefix_cache import CacheCounts, PrefixCache
 from engine.reference_runner import ReferenceRunner
 from engine.request import BlockCommitted, EngineEvent, EngineInfo, Failed, Request, SamplingParams, StepStats
 from engine.scheduler import Batch, Scheduler, StepOutput
@@ -56,8 +57,9 @@ class Engine:
         self.memory = self._plan_memory(max_model_len)
         runner = ReferenceRunner if config.reference_mode else ModelRunner
         layout = KVLayout.of(self.model_config, dtype)
-        num_pages = layout.num_pages(self.memory.kv, config.max_num_seqs)
-        self.runner = runner(self.model, self.model_config, config, num_pages, max_model_len)
+        cache_fraction = config.prefix_cache_fraction if config.prefix_caching else 0.0
+        num_pages, num_sliding = layout.split(self.memory.kv, config.max_num_seqs, cache_fraction)
+        self.runner = runner(self.model, self.model_config, config, num_pages, max_model_len, num_sliding)
         self.info = EngineInfo(
             max_model_len=max_model_len,
             vocab_size=self.model_config.vocab_size,
@@ -69,10 +71,15 @@ class Engine:
             kv_page_bytes=layout.page_bytes,
             generation_defaults=self.generation_defaults,
             eager_buckets=self.runner.eager_buckets,
+            prefix_caching=config.prefix_caching,
+            prefix_cache_sliding_pages=num_sliding,
+            prefix_cache_sliding_page_bytes=layout.sliding_page_bytes,
         )
+        window = self.model_config.sliding_window - 1
+        cache = PrefixCache(layout.page_size, window, num_sliding) if config.prefix_caching else None
         whole = config.reference_mode  # generate() encodes a prompt in one pass
         self.scheduler = Scheduler(
-            KVBudget(num_pages, config.max_num_seqs),
+            KVBudget(num_pages, config.max_num_seqs, cache),
             self.model_config.canvas_length,
             config.max_num_seqs,
             config.max_waiting,
@@ -85,6 +92,13 @@ class Engine:
             "engine ready: %s on %s, up to %d sequences, max_model_len %d; memory: %s (%d sequences of %d tokens fit)",
             dtype, device, config.max_num_seqs, max_model_len, self.memory, long_seqs, MIN_CONTEXT,
         )  # fmt: skip
+        if cache is not None:
+            logger.info(
+                "prefix caching on: it may hold the %d full-layer pages (%.2f GiB) sequences are not using, with the "
+                "sliding-layer KV of up to %d of them (%.2f GiB, prefix_cache_fraction %.2f; a hit needs %d tokens' "
+                "worth)", num_pages, num_pages * layout.page_bytes / 2**30, num_sliding,
+                num_sliding * layout.sliding_page_bytes / 2**30, config.prefix_cache_fraction, window,
+            )  # fmt: skip
 
     def _plan_memory(self, max_model_len: int) -> MemorySplit:
         """The split of the device's memory: the weights as loaded, the activation peak of the largest step and
@@ -162,6 +176,8 @@ class Engine:
         return self.scheduler.fail(seqs, "out of memory on the device; retry, or lower the load")
 
     def _stats(self, batch: Batch, output: StepOutput, events: list[EngineEvent]) -> StepStats:
+        cache = self.scheduler.cache
+        counts = cache.take_counts() if cache else CacheCounts()
         return StepStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -171,6 +187,10 @@ class Engine:
             encode_s=output.encode_s,
             denoise_s=output.denoise_s,
             kv_pages_used=self.scheduler.budget.num_used,
+            prefix_query_tokens=counts.query_tokens,
+            prefix_hit_tokens=counts.hit_tokens,
+            prefix_cached_pages=len(cache.blocks) if cache else 0,
+            prefix_evictions=counts.evictions,
         )
 
     def generate(self, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[EngineEvent]]:

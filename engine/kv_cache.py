@@ -18,34 +18,53 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.prefix_cache import Block, PrefixCache
 from models.config import ModelConfig
 
 
 class KVBudget:
-    """Host bookkeeping of the page pool and the sequence slots: which pages and which slot each sequence holds."""
+    """Host bookkeeping of the page pool and the sequence slots: which pages and which slot each sequence holds. With a
+    PrefixCache, a sequence's first pages may be cached blocks it shares, and pages no sequence holds stay cached
+    until a new page is needed."""
 
-    def __init__(self, num_pages: int, num_slots: int) -> None:
-        self.num_pages, self.num_slots = num_pages, num_slots
+    def __init__(self, num_pages: int, num_slots: int, cache: PrefixCache | None = None) -> None:
+        self.num_pages, self.num_slots, self.cache = num_pages, num_slots, cache
         self._free_pages = list(range(num_pages, 0, -1))  # popped from the end: low pages first
         self._free_slots = list(range(num_slots))  # a heap: the lowest free slot keeps the batch bucket small
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - len(self._free_pages)
+        """Pages sequences hold (cached pages none holds are free to take)."""
+        return self.num_pages - len(self._free_pages) - (self.cache.num_unused if self.cache else 0)
 
-    def can_allocate(self, num_pages: int) -> bool:
-        return bool(self._free_slots) and num_pages <= len(self._free_pages)
+    def can_allocate(self, num_pages: int, hit: list[Block] | None = None) -> bool:
+        """Whether a slot and num_pages pages are there, the first of them the cached blocks `hit`."""
+        hit = hit or []
+        unused = self.cache.num_unused - sum(b.refs == 0 for b in hit) if self.cache else 0
+        return bool(self._free_slots) and num_pages - len(hit) <= len(self._free_pages) + unused
 
-    def allocate(self, num_pages: int) -> tuple[int, list[int]]:
-        """A slot and num_pages pages."""
-        if not self.can_allocate(num_pages):
+    def allocate(self, num_pages: int, hit: list[Block] | None = None) -> tuple[int, list[int]]:
+        """A slot and num_pages pages: the pages of the cached blocks `hit`, then new ones (evicting cached pages none
+        holds, least recently used first, once no page is free)."""
+        hit = hit or []
+        if not self.can_allocate(num_pages, hit):
             raise RuntimeError("KV budget exceeded")
-        pages = [self._free_pages.pop() for _ in range(num_pages)]
-        return heapq.heappop(self._free_slots), pages
+        if self.cache:
+            self.cache.acquire(hit)
+        new = [
+            self._free_pages.pop() if self._free_pages else self.cache.evict_page() for _ in range(num_pages - len(hit))
+        ]
+        return heapq.heappop(self._free_slots), [b.page for b in hit] + new
 
-    def free(self, slot: int, pages: list[int]) -> None:
+    def free(self, slot: int, pages: list[int], blocks: list[Block]) -> None:
+        """Give back a sequence's slot and pages; `blocks` are the cached blocks of its first pages, and the pages that
+        are their blocks' go back to the cache."""
         heapq.heappush(self._free_slots, slot)
-        self._free_pages.extend(reversed(pages))
+        held = [block for block, page in zip(blocks, pages, strict=False) if block.page == page]
+        if self.cache:
+            self.cache.release(held)
+        cached = {block.page for block in held}
+        self._free_pages.extend(reversed([page for page in pages if page not in cached]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +80,19 @@ class KVLayout:
         """The engine's layout: pages of one canvas, for keys and values of `dtype`."""
         return cls(config, config.canvas_length, torch.empty((), dtype=dtype).element_size())
 
+    def _bytes(self, sliding: bool, tokens: int) -> int:
+        """Keys and values of `tokens` positions in every sliding (or every full) layer."""
+        layers = [g for g in self.config.layers if g.is_sliding == sliding]
+        return sum(2 * g.num_kv_heads * tokens * g.head_dim * self.element_size for g in layers)
+
     @property
     def page_bytes(self) -> int:
-        full = [g for g in self.config.layers if not g.is_sliding]
-        return sum(2 * g.num_kv_heads * self.page_size * g.head_dim * self.element_size for g in full)
+        return self._bytes(False, self.page_size)
+
+    @property
+    def sliding_page_bytes(self) -> int:
+        """A page of the prefix cache's sliding store: the sliding layers' KV of one page."""
+        return self._bytes(True, self.page_size)
 
     @property
     def ring_length(self) -> int:
@@ -72,37 +100,54 @@ class KVLayout:
 
     @property
     def slot_bytes(self) -> int:
-        sliding = [g for g in self.config.layers if g.is_sliding]
-        return sum(2 * g.num_kv_heads * self.ring_length * g.head_dim * self.element_size for g in sliding)
+        return self._bytes(True, self.ring_length)
 
     def pages_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.page_size)
 
-    def num_pages(self, budget_bytes: int, num_slots: int) -> int:
-        """The pages a KV budget holds beside the sliding-window rings of num_slots sequences."""
-        pages = (budget_bytes - num_slots * self.slot_bytes) // self.page_bytes
+    def split(self, budget_bytes: int, num_slots: int, cache_fraction: float = 0.0) -> tuple[int, int]:
+        """The full-layer pages and the sliding-store pages a KV budget holds beside the sliding-window rings of
+        num_slots sequences, the store taking cache_fraction of what the rings leave."""
+        left = budget_bytes - num_slots * self.slot_bytes
+        sliding = int(max(left, 0) * cache_fraction) // self.sliding_page_bytes
+        pages = (left - sliding * self.sliding_page_bytes) // self.page_bytes
         if pages < 1:
             raise ValueError(
                 f"a KV budget of {budget_bytes / 2**20:.1f} MiB cannot hold the sliding windows of {num_slots} "
                 f"sequences ({num_slots * self.slot_bytes / 2**20:.1f} MiB) and one page; raise it or lower "
                 "max_num_seqs"
             )
-        return pages
+        return pages, sliding
 
 
 class KVPool:
-    """The KV tensors: full layers [pages + 1, kv, P, d], sliding layers [slots, kv, W - 1 + C, d]."""
+    """The KV tensors: full layers [pages + 1, kv, P, d], sliding layers [slots, kv, W - 1 + C, d], and the prefix
+    cache's sliding store [sliding pages + 1, kv, P, d] per sliding layer (engine/prefix_cache.py)."""
 
-    def __init__(self, layout: KVLayout, num_slots: int, num_pages: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_slots: int,
+        num_pages: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_sliding_pages: int = 0,
+    ) -> None:
         self.layout, self.config = layout, layout.config
         self.window = self.config.sliding_window - 1  # slots a sliding layer holds
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        for g in self.config.layers:
+        self.saved_keys: dict[int, torch.Tensor] = {}  # sliding layer -> its store
+        self.saved_values: dict[int, torch.Tensor] = {}
+        for layer, g in enumerate(self.config.layers):
             if g.is_sliding:  # zeros: keys a row has not written yet are masked, and must be finite under the mask
                 shape = (num_slots, g.num_kv_heads, layout.ring_length, g.head_dim)
                 self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
                 self.values.append(torch.zeros(shape, device=device, dtype=dtype))
+                if num_sliding_pages:
+                    shape = (num_sliding_pages + 1, g.num_kv_heads, layout.page_size, g.head_dim)
+                    self.saved_keys[layer] = torch.zeros(shape, device=device, dtype=dtype)
+                    self.saved_values[layer] = torch.zeros(shape, device=device, dtype=dtype)
             else:  # pages are zeroed when handed out (`clear`), so the pool's memory is touched only as it is used
                 shape = (num_pages + 1, g.num_kv_heads, layout.page_size, g.head_dim)
                 self.keys.append(torch.empty(shape, device=device, dtype=dtype))
@@ -116,6 +161,17 @@ class KVPool:
             if not g.is_sliding:
                 self.keys[layer].index_fill_(0, index, 0)
                 self.values[layer].index_fill_(0, index, 0)
+
+    def restore(self, slot: int, start: int, end: int, pages: tuple[int, ...]) -> None:
+        """Fill a slot's rings with positions [start, end) of a prefix-cache hit from the sliding store, where
+        pages[i] holds page start // P + i."""
+        p, device = self.layout.page_size, self.device
+        positions = torch.arange(start, end)
+        page = torch.tensor(pages)[positions // p - start // p].to(device)
+        offset, ring = (positions % p).to(device), (positions % self.window).to(device)
+        for layer, saved in self.saved_keys.items():
+            self.keys[layer][slot][:, ring] = saved[page, :, offset].transpose(0, 1)
+            self.values[layer][slot][:, ring] = self.saved_values[layer][page, :, offset].transpose(0, 1)
 
     def token_index(self, pages: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(page, offset) on the host of a sequence's positions [start, end) in the full-layer pool."""

@@ -94,6 +94,8 @@ def activation_model(engine_config: EngineConfig, config: ModelConfig, w8a8: boo
         element_size=torch.empty((), dtype=engine_config.torch_dtype).element_size(),
         device=engine_config.torch_device.type,
         w8a8=w8a8,
+        query_align=engine_config.batch_alignment,
+        key_block=engine_config.encoder_key_block,
     )
 
 
@@ -199,6 +201,9 @@ class ActivationModel:
     element_size: int = 2  # the activation dtype's
     device: str = "cuda"  # the device type: the CPU's sampler copies chunks of the embedding to fp32
     w8a8: bool = False  # fp8 experts times fp8 activations: the row buffer is quantized per row before each GEMM
+    # The encoder's layout (engine/attention.py): queries padded to a multiple of query_align, keys to key_block.
+    query_align: int = 1
+    key_block: int = 1
 
     RESIDUALS = 6
 
@@ -223,16 +228,25 @@ class ActivationModel:
         """One encoder pass over chunks of these many tokens, each after `context` committed tokens. The encoder
         runs in inference mode, where SDPA is one fused op on every device."""
         tokens = -(-sum(chunks) // 4) * 4  # ModelRunner pads the flattened batch to TOKEN_ALIGNMENT
-        cfg = self.config
-        out = tokens * cfg.num_attention_heads * max(g.head_dim for g in cfg.layers) * self.element_size
-        window = cfg.sliding_window - 1
+        cfg, kb, s = self.config, self.key_block, self.element_size
+        out = tokens * cfg.num_attention_heads * max(g.head_dim for g in cfg.layers) * s
+        low = max(0, context - (cfg.sliding_window - 1))
+        spans = {}  # chunk -> its padded queries and its full and sliding layers' keys
+        for n in set(chunks):
+            rows = -(-n // self.query_align) * self.query_align
+            last = -(-(context + rows) // kb) * kb
+            spans[n] = rows, last, last - low // kb * kb
+        # A sliding layer's keys and values are copied (held ones and new ones together), and masked SDPA repeats
+        # every layer's per query head (models/attend.py).
         attention = max(
-            self._attention(g, 1, n, min(context, window) + n if g.is_sliding else context + n)
+            self._attention(g, 1, rows, keys)
+            + 2 * keys * g.head_dim * s * ((g.num_kv_heads if g.is_sliding else 0) + cfg.num_attention_heads)
             for g in cfg.layers
-            for n in set(chunks)
+            for rows, full, sliding in spans.values()
+            for keys in [sliding if g.is_sliding else full]
         )
         # Every sequence's causal masks (bool [n, keys] for a full and a sliding layer) are built before the pass.
-        masks = sum(n * (context + n + min(context, window) + n) for n in chunks)
+        masks = sum(spans[n][0] * (spans[n][1] + spans[n][2]) for n in chunks)
         return self._residual(tokens) + masks + max(out + attention, self._moe(tokens))
 
     def _residual(self, tokens: int) -> int:

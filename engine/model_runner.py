@@ -65,12 +65,13 @@ class ModelRunner:
         engine_config: EngineConfig,
         num_pages: int,
         max_model_len: int,
+        num_sliding_pages: int = 0,
     ) -> None:
         self.model, self.config, self.engine_config = model, config, engine_config
         self.device, self.dtype = engine_config.torch_device, engine_config.torch_dtype
         self.num_slots = slots = engine_config.max_num_seqs
         self.layout = KVLayout.of(config, self.dtype)
-        self.pool = KVPool(self.layout, slots, num_pages, self.device, self.dtype)
+        self.pool = KVPool(self.layout, slots, num_pages, self.device, self.dtype, num_sliding_pages)
         self.canvases = CanvasState(slots, config.canvas_length, config.hidden_size, self.device, self.dtype)
         self.graphs: StepGraphs | None = None
         if engine_config.compiled:
@@ -94,9 +95,11 @@ class ModelRunner:
         return tuple(f"{rows}x{pages}" for rows, pages in self.graphs.eager)
 
     def run(self, batch: Batch) -> StepOutput:
-        """Clear the admitted sequences' pages, encode the batch's chunks, start its canvases and run one denoising
-        step for its denoising rows."""
+        """Clear the admitted sequences' new pages and restore their cache hits' rings, encode the batch's chunks,
+        start its canvases and run one denoising step for its denoising rows."""
         self.admit(batch.admitted)
+        for restore in batch.restores:  # before the encode, which may write these store pages again
+            self.pool.restore(restore.slot, restore.start, restore.end, restore.pages)
         start = time.perf_counter()
         if batch.encode:
             self.encode(batch.encode)
@@ -110,9 +113,9 @@ class ModelRunner:
         return StepOutput(rows, scorer, num_encoded, encoded - start, time.perf_counter() - encoded)
 
     def admit(self, seqs: list[Sequence]) -> None:
-        """Zero newly admitted sequences' pages."""
-        if seqs:
-            self.pool.clear([page for seq in seqs for page in seq.pages])
+        """Zero newly admitted sequences' pages past their cached prefix."""
+        if pages := [page for seq in seqs for page in seq.pages[seq.num_cached // self.layout.page_size :]]:
+            self.pool.clear(pages)
 
     @torch.inference_mode()
     def encode(self, chunks: list[Chunk]) -> None:
@@ -126,7 +129,8 @@ class ModelRunner:
         for chunk, at, n in zip(chunks, offsets, lengths, strict=True):
             ids[0, at : at + n] = torch.tensor(chunk.token_ids)
             positions[0, at : at + n] = torch.arange(chunk.start, chunk.start + n)
-        self.model.encode(ids.to(self.device), positions.to(self.device), encoder_attention(self.pool, chunks, offsets))
+        attend = encoder_attention(self.pool, chunks, offsets, align, self.engine_config.encoder_key_block)
+        self.model.encode(ids.to(self.device), positions.to(self.device), attend)
 
     def start_canvas(self, seq: Sequence) -> None:
         """A fresh canvas in the sequence's slot: noise, with its CanvasInit's ids and pins on the first."""

@@ -37,11 +37,24 @@ class Chunk:
     seq: Sequence
     start: int
     token_ids: list[int]
+    saves: tuple[tuple[int, int], ...] = ()  # (page index, sliding-store page): pages it completes that are cached
+
+
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """A prefix-cache hit's sliding-window state: positions [start, end) of the slot's rings, from the sliding store
+    pages holding page start // P onwards (engine/prefix_cache.py)."""
+
+    slot: int
+    start: int
+    end: int
+    pages: tuple[int, ...]
 
 
 @dataclass(slots=True)
 class Batch:
-    admitted: list[Sequence]  # new this iteration: their pages are cleared before anything runs
+    admitted: list[Sequence]  # new this iteration: their new pages are cleared before anything runs
+    restores: list[Restore]  # then the rings of the cache hits among them are filled
     encode: list[Chunk]
     starts: list[Sequence]  # canvases that start after the encode (their pending tokens are all in)
     denoise: list[Sequence]  # every running sequence with nothing left to encode: one denoising step each
@@ -93,6 +106,8 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.cache, self.page_size = budget.cache, canvas_length  # a page holds one canvas (engine/kv_cache.py)
+        self._saving: list[int] = []  # sliding-store pages the iteration in flight writes, until they are cached
 
     def add(self, requests: list[tuple[Request, SamplingParams, int]]) -> None:
         """Queue validated requests, each with its resolved parameters and the KV pages it is charged; raises
@@ -109,20 +124,32 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Batch:
-        """Admit waiting sequences in arrival order while slots and KV pages last; plan this iteration's encoder
-        chunks (advancing each sequence past them) and the canvases they complete; everything else denoises."""
-        admitted = []
-        while (
-            self.waiting
-            and len(self.running) < self.max_num_seqs
-            and self.budget.can_allocate(self.waiting[0].num_pages)
-        ):
-            seq = self.waiting.popleft()
-            seq.slot, seq.pages = self.budget.allocate(seq.num_pages)
-            seq.status, seq.to_encode = Status.RUNNING, list(seq.request.prompt_ids)
+        """Admit waiting sequences in arrival order while slots and KV pages last, each starting after its longest
+        cached prefix; plan this iteration's encoder chunks (advancing each sequence past them) and the canvases they
+        complete; everything else denoises."""
+        admitted, restores, starts = [], [], []
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hit = self.cache.match(seq.request.prompt_ids, seq.request.cache_salt) if self.cache else []
+            if not self.budget.can_allocate(seq.num_pages, hit):
+                break
+            self.waiting.popleft()
+            seq.slot, seq.pages = self.budget.allocate(seq.num_pages, hit)
+            seq.blocks, seq.length = hit, len(hit) * self.page_size
+            seq.num_cached, seq.status = seq.length, Status.RUNNING
+            seq.token_ids, seq.to_encode = list(seq.request.prompt_ids), list(seq.request.prompt_ids[seq.length :])
+            if self.cache:
+                self.cache.count_query(len(seq.request.prompt_ids), seq.length)
+            if hit:
+                start = max(0, seq.length - self.cache.window)
+                restores.append(
+                    Restore(seq.slot, start, seq.length, tuple(b.sliding for b in hit[start // self.page_size :]))
+                )
+            if not seq.to_encode:  # the whole prompt was cached
+                self._start(seq, starts)
             self.running.append(seq)
             admitted.append(seq)
-        encode, starts, tokens = [], [], 0
+        encode, tokens = [], 0
         for seq in self.running:
             if not seq.to_encode:
                 continue
@@ -131,16 +158,45 @@ class Scheduler:
             n = len(seq.to_encode) if self.prefill_chunk is None else min(len(seq.to_encode), self.prefill_chunk)
             if self.max_batched_tokens is not None and tokens + n > self.max_batched_tokens:
                 continue
-            encode.append(Chunk(seq, seq.length, seq.to_encode[:n]))
+            encode.append(Chunk(seq, seq.length, seq.to_encode[:n], self._saves(seq.length, seq.length + n)))
             seq.length, seq.to_encode, tokens = seq.length + n, seq.to_encode[n:], tokens + n
             if not seq.to_encode:
-                seq.canvas_steps, seq.pinned_prefix, seq.streamed = 0, 0, 0
-                starts.append(seq)
-        return Batch(admitted, encode, starts, [s for s in self.running if not s.to_encode])
+                self._start(seq, starts)
+        return Batch(admitted, restores, encode, starts, [s for s in self.running if not s.to_encode])
+
+    def _saves(self, start: int, end: int) -> tuple[tuple[int, int], ...]:
+        """Sliding-store pages for the pages that encoding [start, end) completes, the last first (a later request
+        most likely stops sharing where this encode ends); fewer if the store runs out."""
+        if self.cache is None:
+            return ()
+        saves = (
+            (j, self.cache.take_sliding()) for j in reversed(range(start // self.page_size, end // self.page_size))
+        )
+        saves = tuple((j, store) for j, store in saves if store)
+        self._saving += [store for _, store in saves]
+        return saves
+
+    @staticmethod
+    def _start(seq: Sequence, starts: list[Sequence]) -> None:
+        seq.canvas_steps, seq.pinned_prefix, seq.streamed = 0, 0, 0
+        starts.append(seq)
+
+    def _cache(self, chunks: list[Chunk]) -> None:
+        """Cache the pages the encoder completed this iteration, each keyed by its tokens and the block before it."""
+        p = self.page_size
+        for chunk in chunks:
+            seq, saves = chunk.seq, dict(chunk.saves)
+            for j in range(chunk.start // p, (chunk.start + len(chunk.token_ids)) // p):
+                parent = seq.blocks[j - 1] if j else seq.request.cache_salt
+                tokens = seq.token_ids[j * p : (j + 1) * p]
+                seq.blocks.append(self.cache.register(parent, tokens, seq.pages[j], saves.get(j, 0)))
+        self._saving = []
 
     def postprocess(self, batch: Batch, output: StepOutput) -> list[EngineEvent]:
         """Count the step for every denoised row; emit drafts and settled prefixes; commit the canvases that
         finished (walked under their grammar), ending the sequence or queueing the canvas for the encoder."""
+        if self.cache is not None:
+            self._cache(batch.encode)
         events: list[EngineEvent] = []
         scored: list[tuple[int, int, int, list[int], int]] = []  # event index, row, first position, ids, k
         for row, (seq, out) in enumerate(zip(batch.denoise, output.rows, strict=True)):
@@ -195,6 +251,7 @@ class Scheduler:
             events.append(Finished(seq.request_id, reason, self._usage(seq, stop_at is not None)))
         else:
             seq.to_encode = tokens  # the whole canvas enters the cache (spec 6.2)
+            seq.token_ids += tokens
         return scored
 
     def abort(self, request_id: str) -> Finished | None:
@@ -211,6 +268,9 @@ class Scheduler:
 
     def fail(self, seqs: list[Sequence], error: str) -> list[Failed]:
         """Drop these sequences (their memory is free for the next iteration) with a Failed event each."""
+        if self.cache is not None:  # the iteration that wrote them failed
+            self.cache.free_sliding(self._saving)
+            self._saving = []
         for seq in seqs:
             if seq.status is not Status.FINISHED:
                 self.abort(seq.request_id)
@@ -220,9 +280,9 @@ class Scheduler:
     def _usage(seq: Sequence, stopped: bool) -> Usage:
         """The stop token counts as a completion token; so does a settled prefix already streamed."""
         completion = seq.num_output_tokens + seq.streamed + stopped
-        return Usage(len(seq.request.prompt_ids), completion, seq.num_canvases, seq.num_denoise_steps)
+        return Usage(len(seq.request.prompt_ids), completion, seq.num_canvases, seq.num_denoise_steps, seq.num_cached)
 
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.budget.free(seq.slot, seq.pages)
-        seq.slot, seq.pages, seq.status = -1, [], Status.FINISHED
+        self.budget.free(seq.slot, seq.pages, seq.blocks)
+        seq.slot, seq.pages, seq.blocks, seq.status = -1, [], [], Status.FINISHED

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from engine import noise
 from engine.constraint import Constraint
+from engine.prefix_cache import Block
 from engine.request import CanvasInit, Request, SamplingParams
 
 
@@ -29,6 +30,9 @@ class Sequence:
     # KV memory: a slot (its sliding-window ring and its row of the canvas state) and full-layer pages.
     slot: int = -1
     pages: list[int] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)  # prefix-cache blocks of its first pages (engine/prefix_cache.py)
+    num_cached: int = 0  # prompt tokens found in the prefix cache
+    token_ids: list[int] = field(default_factory=list)  # by position: the prompt, then each committed canvas
     length: int = 0  # tokens in the cache (or on their way there in this iteration's encode)
     to_encode: list[int] = field(default_factory=list)  # the prompt, then each finished canvas to commit
     canvas_steps: int = 0

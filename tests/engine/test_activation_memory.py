@@ -52,7 +52,7 @@ def runner(request):
             if isinstance(module, Experts):
                 module.set_path(ExpertPath("every_expert", "dense"))
     engine_config = EngineConfig("meta", device="meta", dtype="bfloat16", max_num_seqs=16, vocab_chunk=VOCAB_CHUNK)
-    num_pages = KVLayout.of(config, torch.bfloat16).num_pages(9 * 2**30, engine_config.max_num_seqs)
+    num_pages, _ = KVLayout.of(config, torch.bfloat16).split(9 * 2**30, engine_config.max_num_seqs)
     return model.layers[0].experts, ModelRunner(model, config, engine_config, num_pages, config.max_position_embeddings)
 
 
