@@ -86,6 +86,8 @@ def test_a_cache_salt_keeps_tenants_apart(client, server):
     assert cached(same.usage) == 3 * PAGE
     stranger = client.completions.create(**{**request, "extra_body": {**body, "cache_salt": other}})
     assert cached(stranger.usage) == 0
+    pair = client.completions.create(**{**request, "n": 2, "extra_body": body})  # one prompt: counted once
+    assert pair.usage.prompt_tokens == len(prompt) and cached(pair.usage) == 3 * PAGE
     assert same.choices[0].text == stranger.choices[0].text == first.choices[0].text
     with server.http() as http:  # what a router's render call sees
         rendered = http.post("/v1/completions/render", json={"prompt": prompt, "cache_salt": salt}).json()
@@ -116,10 +118,11 @@ def test_responses_report_cached_input_tokens(client):
 
 def test_anthropic_input_tokens_leave_out_what_the_cache_read(server):
     claude = anthropic.Anthropic(base_url=server.url, api_key="EMPTY", max_retries=0)
-    messages = [{"role": "user", "content": f"{uuid.uuid4().hex}: name one module."}]  # new text: nothing to hit
-    request = dict(model="tiny", max_tokens=8, system=SYSTEM, messages=messages,
+    system = f"{uuid.uuid4().hex} {SYSTEM}"  # no salt on this API: new text, so nothing to hit at first
+    messages = [{"role": "user", "content": "Name one module."}]
+    request = dict(model="tiny", max_tokens=8, system=system, messages=messages,
                    extra_body={"seed": 1, "diffusion": {"steps": 2}})  # fmt: skip
-    prompt = claude.messages.count_tokens(model="tiny", system=SYSTEM, messages=messages).input_tokens
+    prompt = claude.messages.count_tokens(model="tiny", system=system, messages=messages).input_tokens
     first = claude.messages.create(**request)
     assert first.usage.input_tokens == prompt and first.usage.cache_read_input_tokens == 0
     again = claude.messages.create(**request)
