@@ -183,8 +183,8 @@ class ResponsesApi:
     def _usage(job: Job, choice: Choice) -> dict[str, Any]:
         prompt, output = len(choice.request.prompt_ids), choice.completion_tokens
         return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": choice.cached_tokens},
-                "output_tokens": output,
-                "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + output}  # fmt: skip
+                "output_tokens": output, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": prompt + output}  # fmt: skip
 
     @staticmethod
     def _status(choice: Choice) -> str:
