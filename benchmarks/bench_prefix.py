@@ -7,10 +7,11 @@ The workload: a system prompt of about --system-tokens tokens with six tool defi
 appending the previous reply and a new user message (about 200 tokens a turn with the defaults). The servers run
 one after the other on the same checkpoint: by default the real structure at tiny width (`structure`: 30 layers 5:1,
 window 1024, the real vocabulary), written to a temporary directory, where encoding a 3K-token prompt is a visible
-cost.
+cost; on a GPU. On 2 CPU cores one of its turns takes minutes: there, `--size demo` (6 layers, window 1024) runs
+the 16 turns in about 2 minutes.
 
-    python -m benchmarks.bench_prefix                                  # 8 turns, ~3K-token system prompt
-    python -m benchmarks.bench_prefix --turns 3 --model random-demo    # a quick look
+    python -m benchmarks.bench_prefix                    # 8 turns, ~3K-token system prompt, the structure checkpoint
+    python -m benchmarks.bench_prefix --size demo        # on a CPU
 """
 
 from __future__ import annotations
