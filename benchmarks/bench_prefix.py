@@ -17,6 +17,7 @@ the 16 turns in about 2 minutes.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -112,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a checkpoint directory or hub id (default: write --size)")
     parser.add_argument("--size", choices=WRITABLE, default="structure", help="random checkpoint to write")
-    parser.add_argument("--turns", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=8, help="at least 2")
     parser.add_argument("--system-tokens", type=int, default=2600, help="system prompt (the tools add ~400)")
     parser.add_argument("--reply-tokens", type=int, default=100, help="each reply's length (EOS ignored)")
     parser.add_argument("--user-repeats", type=int, default=2, help="copies of the ~50-token request per user turn")
@@ -146,9 +147,9 @@ def main() -> None:
               f"{'yes' if w.reply == c.reply else 'NO':>10} | {w.cache_bytes / 2**20:12.1f}")  # fmt: skip
     later = slice(1, None)  # turn 1 has nothing to hit
     print(f"turns 2-{args.turns}: encoded {sum(w.prompt - w.cached for w in warm[later])} tokens with the cache, "
-          f"{sum(c.prompt - c.cached for c in cold[later])} without; mean TTFT "
-          f"{sum(w.ttft for w in warm[later]) / max(len(warm) - 1, 1):.2f} s against "
-          f"{sum(c.ttft for c in cold[later]) / max(len(cold) - 1, 1):.2f} s")  # fmt: skip
+          f"{sum(c.prompt - c.cached for c in cold[later])} without; median TTFT "
+          f"{statistics.median(w.ttft for w in warm[later]):.2f} s against "
+          f"{statistics.median(c.ttft for c in cold[later]):.2f} s")  # fmt: skip
 
 
 if __name__ == "__main__":
