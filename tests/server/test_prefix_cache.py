@@ -23,7 +23,9 @@ SYSTEM = "You are a careful assistant who answers questions about the Python sta
 
 @pytest.fixture(scope="module")
 def cold(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    live = start_server(tiny_checkpoint, tmp_path_factory.mktemp("cold") / "server.log", "--no-prefix-caching")
+    log = tmp_path_factory.mktemp("cold") / "server.log"
+    # One thread: beside the shared server on two cores, OpenMP threads that spin would slow both.
+    live = start_server(tiny_checkpoint, log, "--no-prefix-caching", env={"OMP_NUM_THREADS": "1"})
     yield live
     stop_server(live)
 
