@@ -75,9 +75,10 @@ def percentiles(values: list[float]) -> str:
     return f"p50 {q[49]:.2f} s  p90 {q[89]:.2f} s  p99 {q[98]:.2f} s  max {max(values):.2f} s"
 
 
-def start_server(model: str, port: int, max_num_seqs: int, log: Path) -> subprocess.Popen:
+def start_server(model: str, port: int, max_num_seqs: int, log: Path, *flags: str) -> subprocess.Popen:
+    """`dgserve serve` on loopback, once ready; `flags` are further serve options."""
     command = [sys.executable, "-m", "server", "serve", "--model", model, "--port", str(port),
-               "--max-num-seqs", str(max_num_seqs), "--served-model-name", "bench"]  # fmt: skip
+               "--max-num-seqs", str(max_num_seqs), "--served-model-name", "bench", *flags]  # fmt: skip
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -79,4 +79,4 @@ def chat_job(serving: Serving, body: ChatCompletionRequest, request_id: str) -> 
     ids = serving.chat_prompt_ids(messages, body.enable_thinking, offered)
     return serving.job(request_id, ChatApi(body, serving.model_name, serving.token_pieces), sampling(body), [ids],
                        body.requested_max_tokens, stream=body.stream, n=body.n, grammar=grammar,
-                       tool_calls=bool(offered))  # fmt: skip
+                       tool_calls=bool(offered), cache_salt=body.cache_salt)  # fmt: skip

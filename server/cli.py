@@ -176,7 +176,7 @@ def _serve(args: argparse.Namespace) -> None:
     from server.app import LOCAL_HOSTS, ServerConfig, create_app
     from server.connections import ConnectionGuard, ConnectionLimits
     from server.lifecycle import DrainingServer, ServerState, local_url
-    from server.metrics import Metrics
+    from server.metrics import Metrics, prefix_cache_bytes
     from server.text import Tokenizer
 
     device = _device(args.device)
@@ -202,6 +202,15 @@ def _serve(args: argparse.Namespace) -> None:
         name, checkpoint, info.kv_budget_bytes / 2**30, info.kv_num_pages, info.kv_page_tokens,
         info.kv_num_pages // info.kv_pages_for(1024, 1024), args.max_num_seqs,
     )  # fmt: skip
+    if info.prefix_caching:
+        logger.info(
+            "prefix caching on: it may hold %.2f GiB of KV, the pool's pages that no request is using and %d pages of "
+            "their sliding-layer KV (%.2f GiB)",
+            prefix_cache_bytes(info) / 2**30, info.prefix_cache_sliding_pages,
+            info.prefix_cache_sliding_pages * info.prefix_cache_sliding_page_bytes / 2**30,
+        )  # fmt: skip
+    else:
+        logger.info("prefix caching off: every prompt is encoded from its first token")
     # Whatever the bind address (a container binds 0.0.0.0): only these Host names are answered (DNS rebinding).
     allowed = None if "*" in args.allowed_hosts else frozenset({*LOCAL_HOSTS, *(h.lower() for h in args.allowed_hosts)})
     server_config = ServerConfig(name, allowed_hosts=allowed, cors_origins=tuple(args.cors_origins),
@@ -246,6 +255,7 @@ class Flag:
     choices: tuple[str, ...] | None = None
     fills: Literal["engine", "limits", "server"] | None = None  # EngineConfig, ConnectionLimits, ServerConfig
     group: str | None = None
+    field: str | None = None  # the config field it fills, where that is not named as the flag
 
     @property
     def dest(self) -> str:
@@ -258,16 +268,23 @@ class Flag:
     def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
         raw = os.environ.get(self.env)
         if self.kind == "off":
-            parser.add_argument(f"--no-{self.name}", dest=self.dest, action="store_false", default=raw != "0",
-                                help=self.help)  # fmt: skip
+            parser.add_argument(f"--no-{self.name}", dest=self.dest, action="store_false",
+                                default=raw is None or self._switch(raw), help=self.help)  # fmt: skip
         elif self.kind == "toggle":
-            default = self.default if raw is None else raw.lower() in ("1", "true", "yes", "on")
+            default = self.default if raw is None else self._switch(raw)
             parser.add_argument(f"--{self.name}", action=argparse.BooleanOptionalAction, default=default,
                                 help=self.help)  # fmt: skip
         else:
             default = self.default if raw is None else self.type(raw)
             parser.add_argument(f"--{self.name}", type=self.type, default=default, choices=self.choices,
                                 help=self.help)  # fmt: skip
+
+    def _switch(self, raw: str) -> bool:
+        """A switch's variable; anything but these words is refused, so that a typo never flips it silently."""
+        value = raw.strip().lower()
+        if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise SystemExit(f"dgserve: {self.env}={raw!r}: expected 1, true, yes, on or 0, false, no, off")
+        return value in ("1", "true", "yes", "on")
 
 
 def _names(value: str) -> list[str]:
@@ -304,6 +321,11 @@ SERVE_FLAGS = (
          help="run the compiled step without capturing it as CUDA graphs"),
     Flag("max-capture-len", 8192, int, fills="engine",
          help="CUDA graphs cover contexts up to this many tokens; longer ones run the compiled step uncaptured"),
+    Flag("prefix-caching", kind="off", fills="engine", field="enable_prefix_caching",
+         help="encode every prompt whole: share no prompt pages between requests"),
+    Flag("prefix-cache-fraction", 0.2, float, fills="engine",
+         help="share of the KV budget (after the sliding-window rings) that keeps the sliding layers' KV of cached "
+         "pages; the full-layer pages are cached in whatever the pool has free"),
     Flag("drain-timeout", 30.0, float,
          help="on SIGTERM, seconds (counted from the signal) in-flight requests get to finish before they are failed"),
     Flag("drain-announce", 5.0, float,
@@ -344,7 +366,7 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
 
 def _fills(args: argparse.Namespace, target: str) -> dict[str, Any]:
     """The parsed values of the flags that fill `target`, by field name."""
-    return {flag.dest: getattr(args, flag.dest) for flag in SERVE_FLAGS if flag.fills == target}
+    return {flag.field or flag.dest: getattr(args, flag.dest) for flag in SERVE_FLAGS if flag.fills == target}
 
 
 def _write_checkpoint(args: argparse.Namespace) -> None:

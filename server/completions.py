@@ -121,4 +121,4 @@ def completion_job(serving: Serving, body: CompletionRequest, request_id: str) -
         canvas, max_tokens = serving.infill(body.suffix, max_tokens)
     api = CompletionsApi(body, serving.model_name, serving.token_pieces)
     return serving.job(request_id, api, sampling(body), prompts, max_tokens, stream=body.stream, n=body.n,
-                       split=False, grammar=grammar, canvas=canvas)  # fmt: skip
+                       split=False, grammar=grammar, canvas=canvas, cache_salt=body.cache_salt)  # fmt: skip

@@ -214,10 +214,14 @@ class MessagesApi:
     def _message(self, choice: Choice, content: list[dict[str, Any]], done: bool) -> dict[str, Any]:
         stop = choice.text.matched_stop if done else None
         reason = "stop_sequence" if stop is not None else STOP_REASONS.get(choice.finish_reason or "", "end_turn")
+        # Anthropic's input_tokens leave out the tokens read from the cache: the prompt is their sum. The prefix cache
+        # writes as it encodes, so nothing counts as a cache write (Anthropic's writes are the breakpoints a client
+        # sets). message_start comes before the cache lookup: its usage has no hit yet, and message_delta's replaces it.
+        cached = choice.cached_tokens
+        usage = {"input_tokens": len(choice.request.prompt_ids) - cached, "output_tokens": choice.completion_tokens,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}  # fmt: skip
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model_name, "content": content,
-                "stop_reason": reason if done else None, "stop_sequence": stop,
-                "usage": {"input_tokens": len(choice.request.prompt_ids), "output_tokens": choice.completion_tokens,
-                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}  # fmt: skip
+                "stop_reason": reason if done else None, "stop_sequence": stop, "usage": usage}  # fmt: skip
 
     @staticmethod
     def _tool_use(call: ToolCall) -> dict[str, Any]:

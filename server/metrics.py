@@ -26,6 +26,14 @@ CONNECTION_LIMITS = ("header_timeout", "body_timeout", "keep_alive_timeout", "se
 FINISHED_REASONS = ("stop", "length")
 
 
+def prefix_cache_bytes(info: EngineInfo) -> int:
+    """The most KV memory the prefix cache may hold: every full-layer page while no request uses it, plus the store
+    of its pages' sliding-layer KV (0 with prefix caching off)."""
+    if not info.prefix_caching:
+        return 0
+    return info.kv_budget_bytes + info.prefix_cache_sliding_pages * info.prefix_cache_sliding_page_bytes
+
+
 class VllmNames(Collector):
     """Each metric under its vLLM names too, labelled model_name and engine as vLLM's are: a second view of the same
     collector at scrape time, so every observation is made once and both names always agree."""
@@ -86,6 +94,31 @@ class Metrics:
             "dgserve_eager_step_buckets", "Step buckets (ROWSxPAGES) that run eager: their compile or capture failed",
             ["bucket"], registry=registry,
         )  # fmt: skip
+        # The prefix cache (README "Prefix caching"): hit rate = rate(hits) / rate(queries), both in prompt tokens.
+        self.prefix_queries = Counter(
+            "dgserve_prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache at admission",
+            registry=registry,
+        )  # fmt: skip
+        self.prefix_hits = Counter(
+            "dgserve_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache (read, not encoded)",
+            registry=registry,
+        )  # fmt: skip
+        self.prefix_pages = Gauge(
+            "dgserve_prefix_cache_pages",
+            "KV pages the prefix cache holds (in use by requests or not)",
+            registry=registry,
+        )
+        self.prefix_evictions = Counter(
+            "dgserve_prefix_cache_evictions", "KV pages evicted from the prefix cache to make room", registry=registry
+        )
+        self.prefix_enabled = Gauge(
+            "dgserve_prefix_cache_enabled", "1 if prompt pages are shared between requests (prefix caching)",
+            registry=registry,
+        )  # fmt: skip
+        self.prefix_capacity = Gauge(
+            "dgserve_prefix_cache_capacity_bytes", "KV memory the prefix cache may hold: the whole full-layer pool "
+            "when no request uses it, plus the store of its pages' sliding-layer KV", registry=registry,
+        )  # fmt: skip
         self.capture_failures = Gauge(
             "dgserve_graph_capture_failures", "Step buckets whose compile or CUDA-graph capture failed at start",
             registry=registry,
@@ -131,6 +164,8 @@ class Metrics:
             "vllm:generation_tokens": self.generation_tokens,
             "vllm:time_to_first_token_seconds": self.time_to_first_token,
             "vllm:e2e_request_latency_seconds": self.e2e_latency,
+            "vllm:prefix_cache_queries": self.prefix_queries,
+            "vllm:prefix_cache_hits": self.prefix_hits,
         }, self._vllm))  # fmt: skip
         self._page_bytes = 0  # the KV page size, from on_start
         self._num_pages = 1  # the KV pool's pages, from on_start
@@ -143,6 +178,8 @@ class Metrics:
         self._page_bytes, self._num_pages = info.kv_page_bytes, info.kv_num_pages
         self._cache_config.labels(**self._vllm, block_size=str(info.kv_page_tokens),
                                   num_gpu_blocks=str(info.kv_num_pages)).set(1)  # fmt: skip
+        self.prefix_enabled.set(info.prefix_caching)
+        self.prefix_capacity.set(prefix_cache_bytes(info))
         self.capture_failures.set(len(info.eager_buckets))
         for bucket in info.eager_buckets:
             self.eager_buckets.labels(bucket=bucket).set(1)
@@ -155,6 +192,10 @@ class Metrics:
         self.kv_usage.set(stats.kv_pages_used / self._num_pages)
         if stats.num_denoise_rows or stats.num_encode_tokens:
             self.step_latency.observe(stats.encode_s + stats.denoise_s)
+        self.prefix_queries.inc(stats.prefix_query_tokens)
+        self.prefix_hits.inc(stats.prefix_hit_tokens)
+        self.prefix_pages.set(stats.prefix_cached_pages)
+        self.prefix_evictions.inc(stats.prefix_evictions)
         self._count_tokens(stats.num_output_tokens)
 
     def on_finish(self, finish_reason: str) -> None:

@@ -22,6 +22,7 @@ MAX_CHOICES = 256  # prompts x n: every choice is an engine sequence, admitted a
 MAX_MESSAGES = 2048
 INT64_MAX = 2**63 - 1
 MAX_COMPLETION_LOGPROBS = 5  # the legacy API's cap, as OpenAI's
+MAX_CACHE_SALT = 256  # characters: a tenant's name or a random key, not a document
 
 
 def _json_number(value: Any) -> Any:
@@ -41,6 +42,9 @@ def _json_numbers(values: Any) -> Any:
 # Integral floats such as 8.0 stay accepted: JSON Schema, and so our declared schema, counts them as integers.
 Int = Annotated[int, BeforeValidator(_json_number)]
 Float = Annotated[float, BeforeValidator(_json_number)]
+# vLLM's extension: prefix-cache pages are shared only between requests that send the same salt (README "Prefix
+# caching").
+CacheSalt = Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT)]
 
 
 class InvalidParameter(ValueError):
@@ -178,6 +182,7 @@ class SamplingFields(OpenAIModel):
     ignore_eos: StrictBool = False  # vLLM extension that benchmark clients send
     diffusion: DiffusionOptions | None = None
     response_format: dict[str, Any] | None = None  # checked and compiled in server/structured.py
+    cache_salt: CacheSalt | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:

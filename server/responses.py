@@ -22,7 +22,16 @@ from pydantic import Field, StrictBool
 from engine.request import MAX_LOGPROBS, Logprob
 from server.errors import OpenAIError
 from server.logprobs import TokenPieces, chat_content, entries_of
-from server.protocol import INT64_MAX, MAX_MESSAGES, DiffusionOptions, Float, Int, InvalidParameter, OpenAIModel
+from server.protocol import (
+    INT64_MAX,
+    MAX_MESSAGES,
+    CacheSalt,
+    DiffusionOptions,
+    Float,
+    Int,
+    InvalidParameter,
+    OpenAIModel,
+)
 from server.serving import ApiFields, Choice, Job, Sampling, Serving, Sse, Update
 from server.structured import GrammarError, check_tools, tool_choice
 from server.tools import ToolCall, json_arguments
@@ -60,6 +69,7 @@ class ResponsesRequest(OpenAIModel):
     # our extensions, sent as extra_body
     seed: Annotated[Int, Field(ge=0, le=INT64_MAX)] | None = None
     diffusion: DiffusionOptions | None = None
+    cache_salt: CacheSalt | None = None
 
     @property
     def num_logprobs(self) -> int | None:
@@ -172,8 +182,9 @@ class ResponsesApi:
     @staticmethod
     def _usage(job: Job, choice: Choice) -> dict[str, Any]:
         prompt, output = len(choice.request.prompt_ids), choice.completion_tokens
-        return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": output,
-                "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + output}  # fmt: skip
+        return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": choice.cached_tokens},
+                "output_tokens": output, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": prompt + output}  # fmt: skip
 
     @staticmethod
     def _status(choice: Choice) -> str:
@@ -405,4 +416,4 @@ def responses_job(serving: Serving, store: ResponseStore, body: ResponsesRequest
     api = ResponsesApi(body, serving.model_name, store, messages, echoed, serving.token_pieces)
     sampling = Sampling(body.temperature, body.seed, diffusion=body.diffusion, logprobs=body.num_logprobs)
     return serving.job(api.id, api, sampling, [ids], body.max_output_tokens, stream=body.stream,
-                       grammar=grammar, tool_calls=bool(offered))  # fmt: skip
+                       grammar=grammar, tool_calls=bool(offered), cache_salt=body.cache_salt)  # fmt: skip

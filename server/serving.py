@@ -94,6 +94,7 @@ class Choice:
     tool_calls: list[ToolCall] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache (known once the choice has finished)
     finish_reason: str | None = None  # stop, length, tool_calls (or an engine reason)
     logprobs: list[Logprob] = field(default_factory=list)  # every entry so far, when params.logprobs is set
 
@@ -143,13 +144,20 @@ class Job:
         return sum(len(c.request.prompt_ids) for c in self.choices if c.index % self.n == 0)  # each prompt once
 
     @property
+    def cached_tokens(self) -> int:
+        """Of prompt_tokens, those read from the prefix cache: each prompt's first sample, admitted first, so what the
+        cache held of the prompt before this request (later samples may hit the pages the first one wrote)."""
+        return sum(c.cached_tokens for c in self.choices if c.index % self.n == 0)
+
+    @property
     def completion_tokens(self) -> int:
         return sum(c.completion_tokens for c in self.choices)
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         """OpenAI's chat and completions usage."""
         prompt, completion = self.prompt_tokens, self.completion_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}  # fmt: skip
 
 
 class Serving:
@@ -190,9 +198,11 @@ class Serving:
         grammar: str | None = None,
         tool_calls: bool = False,
         canvas: CanvasInit | None = None,
+        cache_salt: str | None = None,
     ) -> Job:
-        """The one internal job: `n` choices per prompt, each one engine Request (sampling params, grammar walk and
-        canvas), checked by the engine at admission. `split`: the output has Gemma's thought channel and tool calls."""
+        """The one internal job: `n` choices per prompt, each one engine Request (sampling params, grammar walk,
+        canvas and prefix-cache salt), checked by the engine at admission. `split`: the output has Gemma's thought
+        channel and tool calls."""
         canvas = canvas or self.warm_start(sampling.diffusion)
         choices = []
         for p, ids in enumerate(prompts):
@@ -201,7 +211,9 @@ class Serving:
                 index = p * n + sample
                 params = self._sampling_params(sampling, budget, sample)
                 constraint = None if grammar is None else self.grammars.constraint(grammar, budget)
-                request = EngineRequest(f"{request_id}-{index}", tuple(ids), params, constraint, canvas)
+                request = EngineRequest(
+                    f"{request_id}-{index}", tuple(ids), params, constraint, canvas, cache_salt=cache_salt
+                )
                 text = OutputText(self.tokenizer, sampling.stop, split_reasoning=split, tool_calls=tool_calls)
                 choices.append(Choice(index, request, text))
         token_drafts = bool(sampling.diffusion and sampling.diffusion.stream_drafts == "tokens")
@@ -267,7 +279,8 @@ class Serving:
                         "extra_args": {"diffusion": diffusion}}  # fmt: skip
             rendered.append({"request_id": choice.request.request_id, "token_ids": list(choice.request.prompt_ids),
                              "features": None, "sampling_params": sampling, "model": self.model_name,
-                             "stream": job.stream, "stream_options": None, "cache_salt": None, "priority": 0,
+                             "stream": job.stream, "stream_options": None,
+                             "cache_salt": choice.request.cache_salt, "priority": 0,
                              "kv_transfer_params": None})  # fmt: skip
         return rendered
 
@@ -340,6 +353,7 @@ class Serving:
             called = bool(choice.tool_calls or delta.tool_calls) and reason == "stop"
             choice.finish_reason = choice.finish_reason or ("tool_calls" if called else reason)
             choice.completion_tokens = event.usage.completion_tokens
+            choice.cached_tokens = event.usage.cached_tokens
             self.metrics.tokens_per_forward.observe(event.usage.tokens_per_forward)
         choice.content.append(delta.content)
         choice.reasoning.append(delta.reasoning)

@@ -86,6 +86,8 @@ x-replica: &replica
     DGSERVE_PREFILL_CHUNK:
     DGSERVE_DTYPE:
     DGSERVE_QUANTIZATION:
+    DGSERVE_PREFIX_CACHING:
+    DGSERVE_PREFIX_CACHE_FRACTION:
     DGSERVE_DRAIN_TIMEOUT: "{DRAIN_TIMEOUT}"
     # On SIGTERM /ready answers 503 while new requests are still served this long: the router's checks see it first.
     DGSERVE_DRAIN_ANNOUNCE: "{DRAIN_ANNOUNCE}"

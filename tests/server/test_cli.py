@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -93,3 +94,19 @@ def test_generate_without_a_model_runs_the_bundled_demo(tmp_path):
     # The trained demo ends its turn inside the first canvas, well before the 48-step limit; nothing is written.
     assert "trained on the Python manual" in run.stderr and record["finish_reason"] == "stop"
     assert record["usage"]["num_denoise_steps"] < 48 and not any(tmp_path.iterdir())
+
+
+def test_serve_switches_fill_their_config_field_and_refuse_a_value_that_is_no_switch(monkeypatch):
+    from server.cli import _fills, build_parser
+
+    def engine(*args: str) -> dict:
+        return _fills(build_parser().parse_args(["serve", *args]), "engine")
+
+    monkeypatch.delenv("DGSERVE_PREFIX_CACHING", raising=False)
+    assert engine()["enable_prefix_caching"] is True and engine("--no-prefix-caching")["enable_prefix_caching"] is False
+    assert engine("--prefix-cache-fraction", "0.3")["prefix_cache_fraction"] == 0.3
+    monkeypatch.setenv("DGSERVE_PREFIX_CACHING", "False")
+    assert engine()["enable_prefix_caching"] is False
+    monkeypatch.setenv("DGSERVE_PREFIX_CACHING", "flase")  # a typo must not leave it on
+    with pytest.raises(SystemExit, match="DGSERVE_PREFIX_CACHING='flase'"):
+        engine()
