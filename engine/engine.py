@@ -92,13 +92,6 @@ class Engine:
             "engine ready: %s on %s, up to %d sequences, max_model_len %d; memory: %s (%d sequences of %d tokens fit)",
             dtype, device, config.max_num_seqs, max_model_len, self.memory, long_seqs, MIN_CONTEXT,
         )  # fmt: skip
-        if cache is not None:
-            logger.info(
-                "prefix caching on: it may hold the %d full-layer pages (%.2f GiB) sequences are not using, with the "
-                "sliding-layer KV of up to %d of them (%.2f GiB, prefix_cache_fraction %.2f; a hit needs %d tokens' "
-                "worth)", num_pages, num_pages * layout.page_bytes / 2**30, num_sliding,
-                num_sliding * layout.sliding_page_bytes / 2**30, config.prefix_cache_fraction, window,
-            )  # fmt: skip
 
     def _plan_memory(self, max_model_len: int) -> MemorySplit:
         """The split of the device's memory: the weights as loaded, the activation peak of the largest step and
