@@ -1,13 +1,14 @@
 """All sequences' KV memory, allocated once, counted in pages (spec 4.2-4.3).
 
-Full layers keep every committed token in a pool of pages of `page_size` tokens, shared by all sequences through
-per-sequence page lists (whole committed canvases are whole pages, which is what prefix sharing will reuse). Page 0
+Full layers keep every committed token in a pool of pages of `page_size` tokens (one canvas), shared by all sequences
+through per-sequence page lists; full pages of encoded tokens are shared by content (engine/prefix_cache.py). Page 0
 is never handed out: table entries past a sequence's pages point at it, and rows that are not denoising write their
 canvas there. Sliding layers keep, per sequence slot, a ring of the last W-1 tokens (position p at p mod (W-1))
 followed by the canvas being denoised, so a step writes in place and never concatenates.
 
 KVLayout says what a page and a slot cost, KVBudget (host) which of them each sequence holds, KVPool (device) the
-tensors. The attention passes over them are in engine/attention.py.
+tensors, with the prefix cache's store of cached pages' sliding-layer KV. The attention passes over them are in
+engine/attention.py.
 """
 
 from __future__ import annotations

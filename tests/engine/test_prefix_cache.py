@@ -86,8 +86,6 @@ def test_a_cached_prefix_gives_the_cold_tokens(engines, case):
     }[case]
     if case == "hit_inside_the_window" and p >= window:
         pytest.skip("the window fits in a page: every hit ends past it")
-    if case in ("under_a_page", "one_page") and p < window:
-        pytest.skip("run on the tiny config; the real structure adds the cases of its window")
     ids = tokens_of(vocab, length, seed=length)
     writer = ids + tokens_of(vocab, p + 3, seed=99)  # another request, with the same prefix, writes the pages
     one(warm, writer, params(p))
