@@ -75,7 +75,8 @@ class Engine:
             prefix_cache_sliding_pages=num_sliding,
             prefix_cache_sliding_page_bytes=layout.sliding_page_bytes,
         )
-        window = self.model_config.sliding_window - 1
+        sliding = any(g.is_sliding for g in self.model_config.layers)
+        window = self.model_config.sliding_window - 1 if sliding else 0  # what a hit must restore
         cache = PrefixCache(layout.page_size, window, num_sliding) if config.prefix_caching else None
         whole = config.reference_mode  # generate() encodes a prompt in one pass
         self.scheduler = Scheduler(

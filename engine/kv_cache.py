@@ -110,7 +110,7 @@ class KVLayout:
         """The full-layer pages and the sliding-store pages a KV budget holds beside the sliding-window rings of
         num_slots sequences, the store taking cache_fraction of what the rings leave."""
         left = budget_bytes - num_slots * self.slot_bytes
-        sliding = int(max(left, 0) * cache_fraction) // self.sliding_page_bytes
+        sliding = int(max(left, 0) * cache_fraction) // self.sliding_page_bytes if self.sliding_page_bytes else 0
         pages = (left - sliding * self.sliding_page_bytes) // self.page_bytes
         if pages < 1:
             raise ValueError(

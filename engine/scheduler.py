@@ -140,7 +140,7 @@ class Scheduler:
             seq.token_ids, seq.to_encode = list(seq.request.prompt_ids), list(seq.request.prompt_ids[seq.length :])
             if self.cache:
                 self.cache.count_query(len(seq.request.prompt_ids), seq.length)
-            if hit:
+            if hit and self.cache.window:
                 start = max(0, seq.length - self.cache.window)
                 restores.append(
                     Restore(seq.slot, start, seq.length, tuple(b.sliding for b in hit[start // self.page_size :]))
