@@ -20,7 +20,7 @@ from engine.memory import (
     planned_split,
 )
 from engine.model_runner import ModelRunner, measure_activations
-from engine.prefix_cache import CacheCounts, PrefixCache
+from engine.prefix_cache import PrefixCache
 from engine.reference_runner import ReferenceRunner
 from engine.request import BlockCommitted, EngineEvent, EngineInfo, Failed, Request, SamplingParams, StepStats
 from engine.scheduler import Batch, Scheduler, StepOutput
@@ -171,7 +171,7 @@ class Engine:
 
     def _stats(self, batch: Batch, output: StepOutput, events: list[EngineEvent]) -> StepStats:
         cache = self.scheduler.cache
-        counts = cache.take_counts() if cache else CacheCounts()
+        looked_up = batch.admitted if cache else []  # each admission looks its prompt up once
         return StepStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -181,10 +181,10 @@ class Engine:
             encode_s=output.encode_s,
             denoise_s=output.denoise_s,
             kv_pages_used=self.scheduler.budget.num_used,
-            prefix_query_tokens=counts.query_tokens,
-            prefix_hit_tokens=counts.hit_tokens,
+            prefix_query_tokens=sum(len(seq.request.prompt_ids) for seq in looked_up),
+            prefix_hit_tokens=sum(seq.num_cached for seq in looked_up),
             prefix_cached_pages=len(cache.blocks) if cache else 0,
-            prefix_evictions=counts.evictions,
+            prefix_evictions=cache.take_evictions() if cache else 0,
         )
 
     def generate(self, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[EngineEvent]]:

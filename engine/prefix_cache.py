@@ -34,13 +34,6 @@ class Block:
     refs: int = 0  # running sequences holding the page
 
 
-@dataclass(frozen=True, slots=True)
-class CacheCounts:
-    query_tokens: int = 0  # prompt tokens looked up
-    hit_tokens: int = 0  # of which found
-    evictions: int = 0  # pages evicted
-
-
 class PrefixCache:
     def __init__(self, page_size: int, window: int, num_sliding_pages: int) -> None:
         self.page_size, self.window, self.num_sliding_pages = page_size, window, num_sliding_pages
@@ -49,7 +42,7 @@ class PrefixCache:
         self._sliding_free = list(range(num_sliding_pages, 0, -1))  # store page 0 is never used
         self._sliding_used: OrderedDict[int, Block] = OrderedDict()  # store page -> its block, least recent first
         self._ids = itertools.count(1)
-        self._query_tokens = self._hit_tokens = self._evictions = 0  # since take_counts
+        self._evictions = 0  # since take_evictions
 
     @property
     def num_unused(self) -> int:
@@ -68,15 +61,10 @@ class PrefixCache:
                 return chain[:k]
         return []
 
-    def count_query(self, tokens: int, hit: int) -> None:
-        self._query_tokens += tokens
-        self._hit_tokens += hit
-
-    def take_counts(self) -> CacheCounts:
-        """The counts since the last call."""
-        counts = CacheCounts(self._query_tokens, self._hit_tokens, self._evictions)
-        self._query_tokens = self._hit_tokens = self._evictions = 0
-        return counts
+    def take_evictions(self) -> int:
+        """Pages evicted since the last call."""
+        evictions, self._evictions = self._evictions, 0
+        return evictions
 
     def acquire(self, blocks: list[Block]) -> None:
         """A sequence starts holding these blocks' pages; their sliding copies count as used now."""

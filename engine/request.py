@@ -262,6 +262,14 @@ class EngineInfo:
     def kv_budget_bytes(self) -> int:
         return self.kv_num_pages * self.kv_page_bytes
 
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """The most KV memory the prefix cache may hold: every full-layer page while no request uses it, plus the
+        store of cached pages' sliding-layer KV (0 with prefix caching off)."""
+        if not self.prefix_caching:
+            return 0
+        return self.kv_budget_bytes + self.prefix_cache_sliding_pages * self.prefix_cache_sliding_page_bytes
+
     def kv_pages_for(self, prompt_len: int, max_tokens: int) -> int:
         """KV pages a request of this shape is charged: its prompt, every committed canvas, and the one being
         denoised."""

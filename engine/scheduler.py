@@ -130,6 +130,9 @@ class Scheduler:
         admitted, restores, starts = [], [], []
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            # No hit saves more than the prompt's full pages: while even that would not fit, skip the lookup.
+            if not self.budget.can_allocate(seq.num_pages - len(seq.request.prompt_ids) // self.page_size):
+                break
             hit = self.cache.match(seq.request.prompt_ids, seq.request.cache_salt) if self.cache else []
             if not self.budget.can_allocate(seq.num_pages, hit):
                 break
@@ -138,8 +141,6 @@ class Scheduler:
             seq.blocks, seq.length = hit, len(hit) * self.page_size
             seq.num_cached, seq.status = seq.length, Status.RUNNING
             seq.token_ids, seq.to_encode = list(seq.request.prompt_ids), list(seq.request.prompt_ids[seq.length :])
-            if self.cache:
-                self.cache.count_query(len(seq.request.prompt_ids), seq.length)
             if hit and self.cache.window:
                 start = max(0, seq.length - self.cache.window)
                 restores.append(
@@ -169,12 +170,13 @@ class Scheduler:
         most likely stops sharing where this encode ends); fewer if the store runs out."""
         if self.cache is None:
             return ()
-        saves = (
-            (j, self.cache.take_sliding()) for j in reversed(range(start // self.page_size, end // self.page_size))
-        )
-        saves = tuple((j, store) for j, store in saves if store)
+        saves = []
+        for j in reversed(range(start // self.page_size, end // self.page_size)):
+            if not (store := self.cache.take_sliding()):
+                break
+            saves.append((j, store))
         self._saving += [store for _, store in saves]
-        return saves
+        return tuple(saves)
 
     @staticmethod
     def _start(seq: Sequence, starts: list[Sequence]) -> None:

@@ -176,7 +176,7 @@ def _serve(args: argparse.Namespace) -> None:
     from server.app import LOCAL_HOSTS, ServerConfig, create_app
     from server.connections import ConnectionGuard, ConnectionLimits
     from server.lifecycle import DrainingServer, ServerState, local_url
-    from server.metrics import Metrics, prefix_cache_bytes
+    from server.metrics import Metrics
     from server.text import Tokenizer
 
     device = _device(args.device)
@@ -206,7 +206,7 @@ def _serve(args: argparse.Namespace) -> None:
         logger.info(
             "prefix caching on: it may hold %.2f GiB of KV, the pool's pages that no request is using and %d pages of "
             "their sliding-layer KV (%.2f GiB)",
-            prefix_cache_bytes(info) / 2**30, info.prefix_cache_sliding_pages,
+            info.prefix_cache_bytes / 2**30, info.prefix_cache_sliding_pages,
             info.prefix_cache_sliding_pages * info.prefix_cache_sliding_page_bytes / 2**30,
         )  # fmt: skip
     else:

@@ -26,14 +26,6 @@ CONNECTION_LIMITS = ("header_timeout", "body_timeout", "keep_alive_timeout", "se
 FINISHED_REASONS = ("stop", "length")
 
 
-def prefix_cache_bytes(info: EngineInfo) -> int:
-    """The most KV memory the prefix cache may hold: every full-layer page while no request uses it, plus the store
-    of its pages' sliding-layer KV (0 with prefix caching off)."""
-    if not info.prefix_caching:
-        return 0
-    return info.kv_budget_bytes + info.prefix_cache_sliding_pages * info.prefix_cache_sliding_page_bytes
-
-
 class VllmNames(Collector):
     """Each metric under its vLLM names too, labelled model_name and engine as vLLM's are: a second view of the same
     collector at scrape time, so every observation is made once and both names always agree."""
@@ -179,7 +171,7 @@ class Metrics:
         self._cache_config.labels(**self._vllm, block_size=str(info.kv_page_tokens),
                                   num_gpu_blocks=str(info.kv_num_pages)).set(1)  # fmt: skip
         self.prefix_enabled.set(info.prefix_caching)
-        self.prefix_capacity.set(prefix_cache_bytes(info))
+        self.prefix_capacity.set(info.prefix_cache_bytes)
         self.capture_failures.set(len(info.eager_buckets))
         for bucket in info.eager_buckets:
             self.eager_buckets.labels(bucket=bucket).set(1)
